@@ -1,0 +1,2 @@
+"""fastlla: scalable Linearized Laplace Approximation through a surrogate neural kernel."""
+from . import _ops

@@ -1,0 +1,137 @@
+"""A pre-trained network as a function of its trainable parameters.
+
+:class:`NetworkFunction` wraps an ``nn.Module`` so that its output can be differentiated with
+respect to the parameters that count for the Laplace approximation — those with
+``requires_grad=True``, as in laplace-torch — while frozen parameters and buffers (BatchNorm
+running statistics, in eval mode) stay constant. Inputs may be a tensor, a tuple of tensors
+(passed as positional arguments) or a dict of tensors (passed as keyword arguments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, jvp, vmap
+
+__all__ = ["NetworkFunction", "batch_size", "to_device", "check_finite"]
+
+Inputs = Any  # Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
+
+
+def batch_size(x: Inputs) -> int:
+    """Number of inputs in a batch (the leading size of its first tensor)."""
+    if isinstance(x, Tensor):
+        return x.shape[0]
+    values = x.values() if isinstance(x, Mapping) else x
+    for v in values:
+        if isinstance(v, Tensor):
+            return v.shape[0]
+    raise TypeError("fastlla: an input batch must contain at least one tensor")
+
+
+def to_device(x: Inputs, device: torch.device, dtype: torch.dtype | None = None) -> Inputs:
+    """Move every tensor of a batch to ``device`` (floating tensors also to ``dtype``)."""
+
+    def move(t):
+        if not isinstance(t, Tensor):
+            return t
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    if isinstance(x, Tensor):
+        return move(x)
+    if isinstance(x, Mapping):
+        return {k: move(v) for k, v in x.items()}
+    return type(x)(move(v) for v in x)
+
+
+def check_finite(name: str, x: Inputs) -> None:
+    """Raise ``ValueError`` if any floating tensor of ``x`` holds NaN or Inf."""
+    values = [x] if isinstance(x, Tensor) else (x.values() if isinstance(x, Mapping) else x)
+    for v in values:
+        if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"fastlla: {name} contains NaN or Inf values")
+
+
+def _call(module: nn.Module, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
+    if isinstance(x, Tensor):
+        return functional_call(module, params, (x,))
+    if isinstance(x, Mapping):
+        return functional_call(module, params, (), dict(x))
+    return functional_call(module, params, tuple(x))
+
+
+class NetworkFunction:
+    """``f(x; θ)`` as a pure function of the trainable parameters ``θ`` of ``model``.
+
+    Parameters
+    ----------
+    model : the pre-trained network; its output must be ``(B, C)`` (or ``(B,)`` for one
+        output, treated as ``C = 1``). It is put in eval mode by the estimators.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        named = list(model.named_parameters())
+        self.names = [n for n, p in named if p.requires_grad]
+        if not self.names:
+            raise ValueError(
+                "fastlla: the model has no trainable parameters (requires_grad=True); "
+                "the Laplace approximation needs at least one"
+            )
+        self.frozen = {n: p.detach() for n, p in named if not p.requires_grad}
+        self.shapes = [p.shape for n, p in named if p.requires_grad]
+        self.numels = [p.numel() for n, p in named if p.requires_grad]
+        self.n_params = sum(self.numels)
+
+    # ------------------------------------------------------------------ parameters
+    def params(self) -> dict[str, Tensor]:
+        """The current trainable parameters, detached."""
+        current = dict(self.model.named_parameters())
+        return {n: current[n].detach() for n in self.names}
+
+    def flat_params(self) -> Tensor:
+        return torch.cat([p.reshape(-1) for p in self.params().values()])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split ``flat`` (``(..., P)``) into per-parameter views of shape ``(..., *shape)``."""
+        lead = flat.shape[:-1]
+        pieces = torch.split(flat, self.numels, dim=-1)
+        return {n: t.reshape(*lead, *s) for n, t, s in zip(self.names, pieces, self.shapes)}
+
+    # ------------------------------------------------------------------ evaluation
+    def __call__(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
+        """``f(x; params)`` as ``(B, C)``."""
+        buffers = dict(self.model.named_buffers())
+        out = _call(self.model, {**buffers, **self.frozen, **params}, x)
+        return out.unsqueeze(-1) if out.dim() == 1 else out
+
+    def output(self, x: Inputs) -> Tensor:
+        with torch.no_grad():
+            return self(self.params(), x)
+
+    def jvp(self, x: Inputs, tangents: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Batched Jacobian–vector products.
+
+        ``tangents`` maps each parameter name to ``(S, *shape)``. Returns the output ``f(x)``
+        (``(B, C)``) and ``z[s] = J(x) v_s`` stacked as ``(S, B, C)``; ``vmap`` batches the ``S``
+        forward-mode passes into one.
+        """
+        params = self.params()
+
+        def one(t):
+            return jvp(lambda p: self(p, x), (params,), (t,))
+
+        out, z = vmap(one, out_dims=(None, 0))(dict(tangents))
+        return out, z
+
+    def jacobian(self, x: Inputs) -> Tensor:
+        """Full Jacobian ``J(x)`` of shape ``(B, C, P)`` (reverse mode; small models only)."""
+        params = self.params()
+        jac = jacrev(lambda p: self(p, x))(params)  # name -> (B, C, *shape)
+        B, C = next(iter(jac.values())).shape[:2]
+        return torch.cat([jac[n].reshape(B, C, -1) for n in self.names], dim=-1)
