@@ -1,2 +1,7 @@
 """fastlla: scalable Linearized Laplace Approximation through a surrogate neural kernel."""
+
 from . import _ops
+from .exact import ExactLLA
+from .scalla import ScaLLA
+
+__all__ = ["ExactLLA", "ScaLLA"]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
-__all__ = ["NetworkFunction", "batch_size", "to_device", "check_finite"]
+__all__ = ["NetworkFunction", "call_module", "batch_size", "slice_batch", "concat_batches", "to_device", "check_finite"]
 
 Inputs = Any  # Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
 
@@ -30,6 +30,24 @@ def batch_size(x: Inputs) -> int:
         if isinstance(v, Tensor):
             return v.shape[0]
     raise TypeError("fastlla: an input batch must contain at least one tensor")
+
+
+def slice_batch(x: Inputs, start: int, stop: int) -> Inputs:
+    """Inputs ``start:stop`` of a batch (every tensor sliced along its leading dimension)."""
+    if isinstance(x, Tensor):
+        return x[start:stop]
+    if isinstance(x, Mapping):
+        return {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in x.items()}
+    return type(x)(v[start:stop] if isinstance(v, Tensor) else v for v in x)
+
+
+def concat_batches(a: Inputs, b: Inputs) -> Inputs:
+    """Two batches of the same structure joined along the leading dimension."""
+    if isinstance(a, Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, Mapping):
+        return {k: torch.cat([v, b[k]]) if isinstance(v, Tensor) else v for k, v in a.items()}
+    return type(a)(torch.cat([u, v]) if isinstance(u, Tensor) else u for u, v in zip(a, b))
 
 
 def to_device(x: Inputs, device: torch.device, dtype: torch.dtype | None = None) -> Inputs:
@@ -55,6 +73,15 @@ def check_finite(name: str, x: Inputs) -> None:
     for v in values:
         if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"fastlla: {name} contains NaN or Inf values")
+
+
+def call_module(module: nn.Module, x: Inputs) -> Any:
+    """``module(x)``, ``module(*x)`` or ``module(**x)`` for a tensor, tuple or dict batch."""
+    if isinstance(x, Tensor):
+        return module(x)
+    if isinstance(x, Mapping):
+        return module(**x)
+    return module(*x)
 
 
 def _call(module: nn.Module, params: Mapping[str, Tensor], x: Inputs) -> Tensor:

@@ -1,0 +1,382 @@
+"""What every fastlla estimator shares: the laplace-torch style API around a GLM predictive.
+
+An estimator (``ScaLLA`` or ``ExactLLA``) computes, from the training data, the quantities the
+marginal likelihood needs — the log-likelihood at ``θ*``, ``‖θ*‖²`` and the eigenvalues of the
+GGN data term — and a way to turn test inputs into a ``C×C`` predictive covariance for any
+``(δ, σ)``. Everything else (hyper-parameter optimisation, link approximations, regression
+predictive, saving) lives here once.
+
+Subclasses implement :meth:`_fit_posterior`, :meth:`_eigvals`, :meth:`_features` and
+:meth:`_covariance_from_features`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .functional import NetworkFunction, batch_size, check_finite, to_device
+from .predictive import Likelihood, class_probabilities
+
+__all__ = ["LaplaceBase", "NotFittedError"]
+
+
+class NotFittedError(RuntimeError):
+    """A predictive or posterior quantity was requested before ``fit``."""
+
+
+def _positive_float(name: str, value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"fastlla: {name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"fastlla: {name} must be positive and finite, got {value}")
+    return value
+
+
+class LaplaceBase:
+    """Shared API of the linearized Laplace estimators.
+
+    Parameters
+    ----------
+    model : pre-trained network returning ``(B, C)`` outputs (logits for classification).
+        Only parameters with ``requires_grad=True`` enter the posterior. It is put in eval mode.
+    likelihood : ``"classification"`` or ``"regression"``.
+    prior_precision : ``δ`` of the prior ``θ ~ N(0, δ⁻¹ I)``.
+    sigma_noise : observation noise ``σ`` (regression only).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood,
+        prior_precision: float = 1.0,
+        sigma_noise: float = 1.0,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fastlla: model must be an nn.Module, got {type(model).__name__}")
+        self.likelihood = Likelihood.parse(likelihood)
+        self.model = model.eval()
+        self.network = NetworkFunction(model)
+        self.prior_precision = _positive_float("prior_precision", prior_precision)
+        self.sigma_noise = _positive_float("sigma_noise", sigma_noise)
+        if self.likelihood is Likelihood.CLASSIFICATION and self.sigma_noise != 1.0:
+            raise ValueError("fastlla: sigma_noise applies to regression only")
+        first = next(p for p in model.parameters() if p.requires_grad)
+        self.device, self.dtype = first.device, first.dtype
+        self.n_outputs: int | None = None
+        self.n_data = 0
+        # Sufficient statistics of the log-likelihood at θ*: Σ log p(y|f) for classification,
+        # the sum of squared residuals for regression (σ enters only at evaluation).
+        self._loglik_stat = 0.0
+        self._param_norm2 = float(self.network.flat_params().double().square().sum())
+        self._fitted = False
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _fit_posterior(self, loader: Iterable) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _eigvals(self) -> Tensor:  # pragma: no cover - abstract
+        """Eigenvalues of the GGN data term at ``σ = 1`` (for the marginal likelihood)."""
+        raise NotImplementedError
+
+    def _features(self, x: Any) -> Any:  # pragma: no cover - abstract
+        """Whatever :meth:`_covariance_from_features` needs about the test inputs ``x``."""
+        raise NotImplementedError
+
+    def _covariance_from_features(
+        self, features: Any, prior_precision: float, data_scale: float
+    ) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ data
+    def _batches(self, loader: Iterable, name: str = "train_loader") -> Iterator[tuple]:
+        """Yield ``(x, y)`` batches on the model's device, checked; errors on an empty loader."""
+        n = 0
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise ValueError(f"fastlla: {name} must yield (inputs, targets) pairs")
+            x, y = batch
+            x = to_device(x, self.device, self.dtype)
+            y = y.to(self.device)
+            check_finite(f"the inputs of {name}", x)
+            if batch_size(x) != y.shape[0]:
+                raise ValueError(
+                    f"fastlla: {name} yields {batch_size(x)} inputs but {y.shape[0]} targets"
+                )
+            n += 1
+            yield x, y
+        if n == 0:
+            raise ValueError(f"fastlla: {name} is empty")
+
+    def _check_outputs(self, f: Tensor, y: Tensor | None = None) -> None:
+        if not torch.isfinite(f).all():
+            raise ValueError("fastlla: the model's outputs contain NaN or Inf")
+        if self.n_outputs is not None and f.shape[-1] != self.n_outputs:
+            raise ValueError(
+                f"fastlla: the model returns {f.shape[-1]} outputs, expected {self.n_outputs}"
+            )
+        if y is None:
+            return
+        if self.likelihood is Likelihood.CLASSIFICATION:
+            if y.dtype.is_floating_point or y.dim() != 1:
+                raise ValueError("fastlla: classification targets must be 1-D integer labels")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= f.shape[-1]):
+                raise ValueError(
+                    f"fastlla: labels must lie in [0, {f.shape[-1] - 1}], got "
+                    f"[{int(y.min())}, {int(y.max())}]"
+                )
+        else:
+            if y.reshape(f.shape[0], -1).shape != f.shape:
+                raise ValueError(
+                    f"fastlla: regression targets of shape {tuple(y.shape)} do not match "
+                    f"outputs of shape {tuple(f.shape)}"
+                )
+            if not torch.isfinite(y).all():
+                raise ValueError("fastlla: the regression targets contain NaN or Inf")
+
+    def _accumulate_loglik(self, f: Tensor, y: Tensor) -> None:
+        """Add the batch's log-likelihood statistic and count (``f`` the outputs at θ*)."""
+        self._check_outputs(f, y)
+        self.n_outputs = f.shape[-1]
+        if self.likelihood is Likelihood.CLASSIFICATION:
+            logp = torch.log_softmax(f.double(), dim=-1)
+            self._loglik_stat += float(logp.gather(1, y.view(-1, 1)).sum())
+        else:
+            self._loglik_stat += float((y.reshape(f.shape).double() - f.double()).square().sum())
+        self.n_data += f.shape[0]
+
+    # ------------------------------------------------------------------ fitting
+    def _reset(self) -> None:
+        self.n_outputs = None
+        self.n_data = 0
+        self._loglik_stat = 0.0
+        self._param_norm2 = float(self.network.flat_params().double().square().sum())
+        self._fitted = False
+
+    def _check_fitted(self) -> None:
+        if not self._fitted:
+            raise NotFittedError(f"fastlla: call {type(self).__name__}.fit(train_loader) first")
+
+    @property
+    def data_scale(self) -> float:
+        """``1/σ²`` for regression, 1 for classification."""
+        return 1.0 / self.sigma_noise**2 if self.likelihood is Likelihood.REGRESSION else 1.0
+
+    # ------------------------------------------------------------------ marginal likelihood
+    def log_likelihood(self, sigma_noise: float | None = None) -> Tensor:
+        """``log p(D | θ*)`` (Gaussian with noise ``σ`` for regression)."""
+        self._check_fitted()
+        if self.likelihood is Likelihood.CLASSIFICATION:
+            return torch.tensor(self._loglik_stat, dtype=torch.float64)
+        sigma = self.sigma_noise if sigma_noise is None else sigma_noise
+        n_obs = self.n_data * self.n_outputs
+        value = -0.5 * self._loglik_stat / sigma**2 - n_obs * math.log(sigma * math.sqrt(2 * math.pi))
+        return torch.tensor(value, dtype=torch.float64)
+
+    def log_det_ratio(
+        self, prior_precision: float | None = None, sigma_noise: float | None = None
+    ) -> Tensor:
+        """``log det(I + G/δ)``, ``G`` the GGN (``G₁/σ²`` for regression)."""
+        self._check_fitted()
+        delta = self.prior_precision if prior_precision is None else prior_precision
+        sigma = self.sigma_noise if sigma_noise is None else sigma_noise
+        scale = 1.0 / sigma**2 if self.likelihood is Likelihood.REGRESSION else 1.0
+        return torch.log1p(self._eigvals().double() * (scale / delta)).sum()
+
+    def log_marginal_likelihood(
+        self, prior_precision: float | None = None, sigma_noise: float | None = None
+    ) -> Tensor:
+        """Laplace evidence ``log p(D|θ*) − ½ δ‖θ*‖² − ½ log det(I + G/δ)``.
+
+        Defaults to the current hyper-parameters; costs ``O(M)`` per evaluation once fitted.
+        """
+        delta = self.prior_precision if prior_precision is None else prior_precision
+        return (
+            self.log_likelihood(sigma_noise)
+            - 0.5 * delta * self._param_norm2
+            - 0.5 * self.log_det_ratio(delta, sigma_noise)
+        )
+
+    def optimize_prior_precision(
+        self,
+        method: str = "marglik",
+        val_loader: Iterable | None = None,
+        grid: Iterable[float] | None = None,
+        optimize_sigma_noise: bool = False,
+        link_approx: str = "probit",
+    ) -> float:
+        """Choose ``δ`` (and, for regression with ``optimize_sigma_noise``, ``σ``).
+
+        ``"marglik"`` maximises :meth:`log_marginal_likelihood` — exact and cheap, since one
+        eigendecomposition serves every ``(δ, σ)``: a log-spaced grid, then golden-section
+        refinement in ``log δ`` (coordinate-wise with ``log σ``). ``"gridsearch"`` minimises the
+        predictive NLL on ``val_loader`` over ``grid`` (default 21 values in ``[1e-4, 1e4]``).
+        Returns the chosen ``δ``, also stored in ``prior_precision``.
+        """
+        self._check_fitted()
+        if method == "marglik":
+            self._optimize_marglik(optimize_sigma_noise)
+        elif method == "gridsearch":
+            if val_loader is None:
+                raise ValueError("fastlla: method='gridsearch' needs a val_loader")
+            self._gridsearch(val_loader, grid, link_approx)
+        else:
+            raise ValueError(f"fastlla: unknown method {method!r}; use 'marglik' or 'gridsearch'")
+        return self.prior_precision
+
+    def _optimize_marglik(self, optimize_sigma: bool) -> None:
+        fit_sigma = optimize_sigma and self.likelihood is Likelihood.REGRESSION
+        log_delta, log_sigma = math.log(self.prior_precision), math.log(self.sigma_noise)
+        for _ in range(4 if fit_sigma else 1):
+            log_delta = _maximise_1d(
+                lambda t: float(self.log_marginal_likelihood(math.exp(t), math.exp(log_sigma))),
+                -12.0,
+                12.0,
+            )
+            if fit_sigma:
+                log_sigma = _maximise_1d(
+                    lambda t: float(self.log_marginal_likelihood(math.exp(log_delta), math.exp(t))),
+                    -8.0,
+                    6.0,
+                )
+        self.prior_precision = math.exp(log_delta)
+        self.sigma_noise = math.exp(log_sigma)
+
+    def _gridsearch(self, val_loader: Iterable, grid: Iterable[float] | None, link: str) -> None:
+        grid = [float(d) for d in (grid if grid is not None else torch.logspace(-4, 4, 21))]
+        if not grid:
+            raise ValueError("fastlla: the prior-precision grid is empty")
+        cached = []
+        for x, y in self._batches(val_loader, "val_loader"):
+            with torch.no_grad():
+                f = self.network.output(x)
+            self._check_outputs(f, y)
+            cached.append((f, self._features(x), y))
+        best, best_nll = None, math.inf
+        for delta in grid:
+            delta = _positive_float("grid value", delta)
+            total, count = 0.0, 0
+            for f, feats, y in cached:
+                cov = self._covariance_from_features(feats, delta, self.data_scale)
+                total += float(self._nll_sum(f, cov, y, link))
+                count += f.shape[0]
+            nll = total / count
+            if nll < best_nll:
+                best, best_nll = delta, nll
+        if best is None:
+            raise ValueError("fastlla: every prior precision of the grid gave a non-finite NLL")
+        self.prior_precision = best
+
+    def _nll_sum(self, f: Tensor, cov: Tensor, y: Tensor, link: str) -> Tensor:
+        if self.likelihood is Likelihood.CLASSIFICATION:
+            probs = class_probabilities(f, cov, link)
+            return -torch.log(probs.gather(1, y.view(-1, 1)).clamp_min(1e-300)).sum()
+        var = torch.diagonal(cov, dim1=-2, dim2=-1) + self.sigma_noise**2
+        resid = y.reshape(f.shape) - f
+        return 0.5 * (torch.log(2 * math.pi * var) + resid.square() / var).sum()
+
+    # ------------------------------------------------------------------ prediction
+    def predictive_distribution(self, x: Any) -> tuple[Tensor, Tensor]:
+        """Gaussian over the outputs: mean ``f(x)`` (B, C) and covariance ``Σ(x)`` (B, C, C)."""
+        self._check_fitted()
+        x = to_device(x, self.device, self.dtype)
+        check_finite("the inputs", x)
+        with torch.no_grad():
+            f = self.network.output(x)
+        self._check_outputs(f)
+        cov = self._covariance_from_features(self._features(x), self.prior_precision, self.data_scale)
+        return f, cov
+
+    def __call__(
+        self,
+        x: Any,
+        pred_type: str = "glm",
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        include_noise: bool = False,
+        seed: int = 0,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Predictive of the linearized network.
+
+        Classification: class probabilities (B, C) with ``link_approx`` ``"probit"``,
+        ``"bridge"`` or ``"mc"`` (``n_samples`` draws, seeded by ``seed``).
+        Regression: ``(f_mean, f_var)`` with ``f_mean`` (B, C) and ``f_var`` (B, C, C), which
+        includes ``σ² I`` when ``include_noise``.
+        """
+        if pred_type != "glm":
+            raise ValueError(f"fastlla: only pred_type='glm' is supported, got {pred_type!r}")
+        mean, cov = self.predictive_distribution(x)
+        if self.likelihood is Likelihood.CLASSIFICATION:
+            return class_probabilities(mean, cov, link_approx, n_samples=n_samples, seed=seed)
+        if include_noise:
+            eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+            cov = cov + self.sigma_noise**2 * eye
+        return mean, cov
+
+    # ------------------------------------------------------------------ saving
+    def _model_signature(self) -> dict[str, Any]:
+        return {
+            "names": list(self.network.names),
+            "shapes": [list(s) for s in self.network.shapes],
+            "param_norm2": self._param_norm2,
+        }
+
+    def _base_state(self) -> dict[str, Any]:
+        return {
+            "estimator": type(self).__name__,
+            "likelihood": self.likelihood.value,
+            "prior_precision": self.prior_precision,
+            "sigma_noise": self.sigma_noise,
+            "n_outputs": self.n_outputs,
+            "n_data": self.n_data,
+            "loglik_stat": self._loglik_stat,
+            "model_signature": self._model_signature(),
+        }
+
+    def _load_base_state(self, state: dict[str, Any]) -> None:
+        if state.get("estimator") != type(self).__name__:
+            raise ValueError(
+                f"fastlla: state_dict is from {state.get('estimator')!r}, not {type(self).__name__}"
+            )
+        if state["likelihood"] != self.likelihood.value:
+            raise ValueError(
+                f"fastlla: state_dict is for likelihood {state['likelihood']!r}, "
+                f"this estimator is {self.likelihood.value!r}"
+            )
+        theirs, ours = state["model_signature"], self._model_signature()
+        if theirs["names"] != ours["names"] or theirs["shapes"] != ours["shapes"]:
+            raise ValueError("fastlla: state_dict was fitted on a model with other parameters")
+        if not math.isclose(theirs["param_norm2"], ours["param_norm2"], rel_tol=1e-6):
+            raise ValueError("fastlla: state_dict was fitted on a model with other weights")
+        self.prior_precision = state["prior_precision"]
+        self.sigma_noise = state["sigma_noise"]
+        self.n_outputs = state["n_outputs"]
+        self.n_data = state["n_data"]
+        self._loglik_stat = state["loglik_stat"]
+
+
+def _maximise_1d(fn, lo: float, hi: float, n_grid: int = 49, n_golden: int = 40) -> float:
+    """Maximise a (unimodal near its peak) function of one variable: grid, then golden section."""
+    xs = [lo + (hi - lo) * i / (n_grid - 1) for i in range(n_grid)]
+    values = [fn(x) for x in xs]
+    i = max(range(n_grid), key=lambda k: values[k])
+    a, b = xs[max(i - 1, 0)], xs[min(i + 1, n_grid - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = fn(c), fn(d)
+    for _ in range(n_golden):
+        if fc > fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = fn(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = fn(d)
+    return 0.5 * (a + b)

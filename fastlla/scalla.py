@@ -1,0 +1,307 @@
+"""ScaLLA: linearized Laplace through a surrogate neural kernel learned from JVPs.
+
+``fit`` runs in two stages, data flowing one way:
+
+1. **Kernel matching.** Each step draws a batch (half training, half context inputs when a
+   context loader is given), ``S`` random tangents, and the projected JVPs ``Z`` of the network;
+   the surrogate's features ``Φ`` are trained so ``ΦΦᵀ`` matches ``ZZᵀ`` (the fused
+   ``fastlla::kernel_matching_loss``, with the train/context cross blocks of the target zeroed).
+   Adam with a cosine decay to zero over the iteration budget.
+2. **Posterior.** One pass over the training data accumulates the feature-space GGN
+   ``H = Σ_n Φ_n Λ_n Φ_nᵀ`` (``fastlla::ggn_accumulate``) and the log-likelihood at ``θ*``.
+
+Prediction costs one network forward, one surrogate forward and ``O(M²C)`` per input.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import _ops
+from .functional import (
+    batch_size,
+    check_finite,
+    concat_batches,
+    slice_batch,
+    to_device,
+)
+from .laplace import LaplaceBase
+from .posterior import FeaturePosterior
+from .predictive import Likelihood
+from .projections import ProjectionSampler, stack_rows
+from .surrogate import Surrogate, check_surrogate_output, default_surrogate, surrogate_features
+
+__all__ = ["ScaLLA"]
+
+
+class ScaLLA(LaplaceBase):
+    """Scalable linearized Laplace approximation via a surrogate neural kernel.
+
+    Parameters
+    ----------
+    model : pre-trained network returning ``(B, C)``; only ``requires_grad`` parameters count.
+    likelihood : ``"classification"`` or ``"regression"``.
+    n_features : ``M``, the surrogate's feature dimension (see :mod:`fastlla.surrogate` on
+        choosing it). Ignored when ``surrogate`` is given (its output fixes ``M``).
+    surrogate : any ``nn.Module`` returning ``(B, M, C)``; default: the model's trunk plus a new
+        head (:func:`fastlla.surrogate.default_surrogate`).
+    prior_precision, sigma_noise : ``δ`` and the regression noise ``σ``.
+    seed : seeds the surrogate's head, the tangents and the context batches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        n_features: int = 128,
+        surrogate: nn.Module | None = None,
+        prior_precision: float = 1.0,
+        sigma_noise: float = 1.0,
+        seed: int = 0,
+    ):
+        super().__init__(model, likelihood, prior_precision, sigma_noise)
+        if surrogate is not None and not isinstance(surrogate, nn.Module):
+            raise TypeError("fastlla: surrogate must be an nn.Module returning (B, M, C)")
+        if int(n_features) < 1:
+            raise ValueError(f"fastlla: n_features must be at least 1, got {n_features}")
+        self.n_features = int(n_features)
+        self.surrogate = surrogate.eval() if surrogate is not None else None
+        self.seed = int(seed)
+        self.posterior: FeaturePosterior | None = None
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ surrogate
+    def _ensure_surrogate(self, n_outputs: int) -> nn.Module:
+        if self.surrogate is None:
+            torch.manual_seed(self.seed)
+            self.surrogate = default_surrogate(
+                self.model, self.n_features, n_outputs, self.network.n_params
+            )
+        return self.surrogate
+
+    def _surrogate_features(self, x: Any) -> Tensor:
+        phi = surrogate_features(self.surrogate, x)
+        return check_surrogate_output(phi, x, self.n_outputs)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(
+        self,
+        train_loader: Iterable,
+        context_loader: Iterable | None = None,
+        iterations: int = 1000,
+        n_projections: int = 8,
+        lr: float = 1e-3,
+        distribution: str = "rademacher",
+        progress_bar: bool = True,
+    ) -> ScaLLA:
+        """Train the surrogate kernel on JVPs, then form the feature-space posterior.
+
+        Parameters
+        ----------
+        train_loader : yields ``(x, y)``; its batch size is the kernel-matching batch ``B``.
+        context_loader : optional; yields context inputs (or ``(x, ...)`` tuples whose first
+            item is the input). Each step pairs a training batch with a context batch and zeroes
+            the target's cross-covariances between them.
+        iterations : kernel-matching steps (0 keeps the surrogate as it is).
+        n_projections : ``S``, random tangents per step.
+        lr : initial Adam learning rate, decayed to zero by a cosine schedule.
+        distribution : ``"rademacher"`` or ``"gaussian"`` tangents.
+        progress_bar : show a tqdm bar.
+        """
+        if int(iterations) < 0:
+            raise ValueError(f"fastlla: iterations must be non-negative, got {iterations}")
+        self._reset()
+        x0, _ = next(iter(self._batches(train_loader)))
+        f0 = self.network.output(x0)
+        self._check_outputs(f0)
+        self.n_outputs = f0.shape[-1]
+        surrogate = self._ensure_surrogate(self.n_outputs)
+        surrogate.to(device=self.device)
+        with torch.no_grad():
+            self.n_features = self._surrogate_features(x0).shape[1]
+        if iterations:
+            self._train_surrogate(
+                train_loader, context_loader, int(iterations), n_projections, lr, distribution,
+                progress_bar,
+            )
+        self._fit_posterior(train_loader, progress_bar)
+        return self
+
+    def _train_surrogate(
+        self,
+        train_loader: Iterable,
+        context_loader: Iterable | None,
+        iterations: int,
+        n_projections: int,
+        lr: float,
+        distribution: str,
+        progress_bar: bool,
+    ) -> None:
+        surrogate = self.surrogate
+        params = [p for p in surrogate.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("fastlla: the surrogate has no trainable parameters to fit")
+        sampler = ProjectionSampler(self.network, n_projections, distribution, self.seed)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, iterations) / iterations))
+        )
+        train_batches = _cycle(lambda: (x for x, _ in self._batches(train_loader)))
+        context_batches = None
+        if context_loader is not None:
+            context_batches = _cycle(lambda: self._context_inputs(context_loader))
+        self.history = []
+        start = time.perf_counter()
+        for step in tqdm(range(iterations), disable=not progress_bar, desc="ScaLLA kernel"):
+            x = next(train_batches)
+            n_train = batch_size(x)
+            if context_batches is not None:
+                x = concat_batches(x, next(context_batches))
+            _, z = sampler.project(x, step)
+            if not torch.isfinite(z).all():
+                raise ValueError("fastlla: the network's JVPs contain NaN or Inf")
+            target = stack_rows(z)
+            phi = self._surrogate_features(x)
+            rows = phi.permute(0, 2, 1).reshape(-1, phi.shape[1])
+            if step == 0:
+                self._calibrate_scale(rows.detach(), target)
+                phi = self._surrogate_features(x)
+                rows = phi.permute(0, 2, 1).reshape(-1, phi.shape[1])
+            loss = _ops.kernel_matching_loss(rows, target, n_train * self.n_outputs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            self.history.append(
+                {"step": step, "loss": float(loss.detach()), "seconds": time.perf_counter() - start}
+            )
+
+    def _calibrate_scale(self, rows: Tensor, target: Tensor) -> None:
+        """Match the surrogate kernel's trace to the target's on the first batch."""
+        scale = getattr(self.surrogate, "output_scale", None)
+        if not isinstance(scale, Tensor):
+            return
+        ratio = target.square().sum() / rows.square().sum().clamp_min(1e-30)
+        if torch.isfinite(ratio) and ratio > 0:
+            scale.mul_(ratio.sqrt().to(scale.dtype))
+
+    def _context_inputs(self, loader: Iterable) -> Iterator[Any]:
+        n = 0
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = to_device(x, self.device, self.dtype)
+            check_finite("the inputs of context_loader", x)
+            if batch_size(x) == 0:
+                continue
+            n += 1
+            yield x
+        if n == 0:
+            raise ValueError("fastlla: context_loader yields no inputs")
+
+    def _fit_posterior(self, loader: Iterable, progress_bar: bool = False) -> None:
+        M = self.n_features
+        H = torch.zeros(M, M, dtype=self.dtype, device=self.device)
+        classification = self.likelihood is Likelihood.CLASSIFICATION
+        with torch.no_grad():
+            for x, y in tqdm(self._batches(loader), disable=not progress_bar, desc="ScaLLA GGN"):
+                f = self.network.output(x)
+                self._accumulate_loglik(f, y)
+                phi = self._surrogate_features(x)
+                _ops.ggn_accumulate(H, phi.contiguous(), f if classification else None)
+        self.posterior = FeaturePosterior(H)
+        self._fitted = True
+
+    # ------------------------------------------------------------------ hooks
+    def _eigvals(self) -> Tensor:
+        return self.posterior.eigvals
+
+    def _features(self, x: Any) -> Tensor:
+        with torch.no_grad():
+            return self._surrogate_features(x)
+
+    def _covariance_from_features(
+        self, features: Tensor, prior_precision: float, data_scale: float
+    ) -> Tensor:
+        return self.posterior.covariance(features, prior_precision, data_scale)
+
+    # ------------------------------------------------------------------ diagnostics
+    def kernel_fidelity(
+        self, x: Any, method: str = "auto", n_projections: int = 64, seed: int = 12345,
+        chunk_size: int = 32,
+    ) -> float:
+        """Relative kernel error ``‖ΦΦᵀ − κ‖_F / ‖κ‖_F`` on the inputs ``x``.
+
+        ``"exact"`` forms the NTK Gram from explicit Jacobians (small models); ``"jvp"``
+        estimates it without Jacobians: ``⟨Q, κ⟩ = E‖Φᵀ z‖²`` and ``‖κ‖²_F = E[(z_sᵀ z_t)²]`` for
+        independent projections ``s ≠ t``. ``"auto"`` is exact when ``B·C·P ≤ 5·10⁷``.
+        """
+        if self.surrogate is None or self.n_outputs is None:
+            raise RuntimeError("fastlla: call ScaLLA.fit(train_loader) first")
+        x = to_device(x, self.device, self.dtype)
+        check_finite("the inputs", x)
+        phi = self._features(x).double()
+        rows = phi.permute(0, 2, 1).reshape(-1, phi.shape[1])
+        B = batch_size(x)
+        if method == "auto":
+            method = "exact" if B * self.n_outputs * self.network.n_params <= 5e7 else "jvp"
+        if method == "exact":
+            J = torch.cat(
+                [
+                    self.network.jacobian(slice_batch(x, a, min(a + chunk_size, B)))
+                    for a in range(0, B, chunk_size)
+                ]
+            ).double()
+            J = J.reshape(-1, J.shape[-1])
+            kappa = J @ J.mT
+            return float(torch.linalg.norm(rows @ rows.mT - kappa) / torch.linalg.norm(kappa))
+        if method != "jvp":
+            raise ValueError(f"fastlla: method must be 'auto', 'exact' or 'jvp', got {method!r}")
+        if n_projections < 2:
+            raise ValueError("fastlla: the JVP estimate needs n_projections >= 2")
+        sampler = ProjectionSampler(self.network, n_projections, "rademacher", seed)
+        _, z = sampler.project(x, 0)
+        Z = z.double().reshape(n_projections, -1)  # (S, R)
+        q_norm2 = (rows.mT @ rows).square().sum()
+        q_kappa = (Z @ rows).square().sum(dim=1).mean()
+        pair = (Z @ Z.mT).square()
+        off = ~torch.eye(n_projections, dtype=torch.bool, device=pair.device)
+        k_norm2 = pair[off].mean()
+        err2 = (q_norm2 - 2 * q_kappa + k_norm2).clamp_min(0.0)
+        return float(torch.sqrt(err2 / k_norm2))
+
+    # ------------------------------------------------------------------ saving
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to predict: hyper-parameters, surrogate weights and ``H``."""
+        self._check_fitted()
+        state = self._base_state()
+        state.update(
+            n_features=self.n_features,
+            seed=self.seed,
+            surrogate=self.surrogate.state_dict(),
+            H=self.posterior.H,
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a fitted estimator; the model must be the one it was fitted on."""
+        self._load_base_state(state)
+        self.n_features = state["n_features"]
+        self.seed = state["seed"]
+        if self.surrogate is None:
+            self._ensure_surrogate(self.n_outputs)
+        self.surrogate.load_state_dict(state["surrogate"])
+        self.posterior = FeaturePosterior(state["H"].to(self.device, self.dtype))
+        self._fitted = True
+
+
+def _cycle(make: Any) -> Iterator[Any]:
+    """Endless iteration over a re-creatable iterable (a new epoch each time it runs out)."""
+    return itertools.chain.from_iterable(make() for _ in itertools.count())
