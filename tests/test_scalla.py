@@ -1,0 +1,303 @@
+"""ScaLLA against its oracles: exact LLA (through an exact-Jacobian surrogate) and the authors'
+materialised kernel-matching loss; plus training behaviour, saving and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastlla
+from fastlla import _ops
+from fastlla.functional import NetworkFunction
+from fastlla.laplace import NotFittedError
+from fastlla.projections import stack_rows
+
+DTYPE = torch.float64
+
+
+class JacobianSurrogate(nn.Module):
+    """``g(x) = J(x)ᵀ`` (M = P): with it ScaLLA *is* exact weight-space LLA."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.network = NetworkFunction(model)
+
+    def forward(self, x):
+        return self.network.jacobian(x).mT
+
+
+def make_problem(likelihood: str, n: int = 40, d: int = 4, C: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, C)).to(DTYPE)
+    X = torch.randn(n, d, generator=g, dtype=DTYPE)
+    if likelihood == "classification":
+        y = model(X).argmax(-1)
+        flip = torch.rand(n, generator=g) < 0.2
+        y[flip] = torch.randint(0, C, (int(flip.sum()),), generator=g)
+    else:
+        with torch.no_grad():
+            y = model(X) + 0.3 * torch.randn(n, C, generator=g, dtype=DTYPE)
+    loader = DataLoader(TensorDataset(X, y), batch_size=8)
+    x_test = torch.randn(7, d, generator=g, dtype=DTYPE)
+    return model, loader, x_test
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# --------------------------------------------------------------------------- the key test
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("form", ["weight", "function"])
+def test_exact_jacobian_surrogate_equals_exact_lla(likelihood, form):
+    model, loader, x_test = make_problem(likelihood)
+    sigma = 0.4 if likelihood == "regression" else 1.0
+    exact = fastlla.ExactLLA(model, likelihood, prior_precision=0.3, sigma_noise=sigma, form=form)
+    exact.fit(loader)
+    scalla = fastlla.ScaLLA(
+        model, likelihood, surrogate=JacobianSurrogate(model), prior_precision=0.3, sigma_noise=sigma
+    )
+    scalla.fit(loader, iterations=0, progress_bar=False)
+    assert scalla.n_features == exact.n_params
+
+    mean_e, cov_e = exact.predictive_distribution(x_test)
+    mean_s, cov_s = scalla.predictive_distribution(x_test)
+    assert rel(mean_s, mean_e) < 1e-12
+    assert rel(cov_s, cov_e) < 1e-8
+    for delta in (0.01, 0.3, 30.0):
+        lml_e = exact.log_marginal_likelihood(delta)
+        lml_s = scalla.log_marginal_likelihood(delta)
+        assert abs(float(lml_s - lml_e)) <= 1e-8 * abs(float(lml_e))
+    # the optimum of a smooth function is located to about √eps: compare at that precision
+    assert math.isclose(
+        scalla.optimize_prior_precision("marglik"),
+        exact.optimize_prior_precision("marglik"),
+        rel_tol=1e-6,
+    )
+
+
+# --------------------------------------------------------------------------- the loss
+def authors_loss(phi: torch.Tensor, z: torch.Tensor, n_train: int) -> torch.Tensor:
+    """The authors' formulation: materialised ``B×B×C×C`` tensors, ``mean((K̂ − Q)²)``.
+
+    ``phi`` (B, M, C) features, ``z`` (S, B, C) JVPs; inputs ``[n_train, B)`` are context
+    points, whose target cross-covariances with the training inputs are zero.
+    """
+    S = z.shape[0]
+    K = torch.einsum("sic,sjd->ijcd", z, z) / S
+    Q = torch.einsum("imc,jmd->ijcd", phi, phi)
+    keep = torch.zeros(phi.shape[0], phi.shape[0], dtype=torch.bool)
+    keep[:n_train, :n_train] = True
+    keep[n_train:, n_train:] = True
+    K = K * keep[:, :, None, None]
+    return ((K - Q) ** 2).mean()
+
+
+@pytest.mark.parametrize("n_train", [10, 6, 0])
+def test_kernel_matching_loss_equals_authors_materialised_loss(n_train):
+    g = torch.Generator().manual_seed(1)
+    B, M, C, S = 10, 5, 3, 4
+    phi = torch.randn(B, M, C, generator=g, dtype=DTYPE, requires_grad=True)
+    z = torch.randn(S, B, C, generator=g, dtype=DTYPE)
+    expected = authors_loss(phi, z, n_train)
+    (grad_expected,) = torch.autograd.grad(expected, phi)
+
+    rows = phi.permute(0, 2, 1).reshape(B * C, M)
+    ours = _ops.kernel_matching_loss(rows, stack_rows(z), n_train * C)
+    (grad_ours,) = torch.autograd.grad(ours, phi)
+    assert abs(float(ours.detach() - expected.detach())) <= 1e-10 * float(expected.detach())
+    assert rel(grad_ours, grad_expected) < 1e-10
+
+
+# --------------------------------------------------------------------------- training
+def test_training_reduces_kernel_error():
+    model, loader, x_test = make_problem("classification", n=64)
+    errors = []
+    for iterations in (1, 400):
+        la = fastlla.ScaLLA(model, "classification", n_features=16, seed=3)
+        la.fit(loader, iterations=iterations, n_projections=8, lr=3e-3, progress_bar=False)
+        errors.append(la.kernel_fidelity(x_test, method="exact"))
+    assert errors[1] < 0.6 * errors[0]
+    assert errors[1] < 0.5
+
+
+def test_jvp_fidelity_estimate_agrees_with_exact():
+    model, loader, x_test = make_problem("regression", n=32)
+    la = fastlla.ScaLLA(model, "regression", n_features=8, seed=0)
+    la.fit(loader, iterations=50, progress_bar=False)
+    exact = la.kernel_fidelity(x_test, method="exact")
+    estimate = la.kernel_fidelity(x_test, method="jvp", n_projections=400)
+    assert abs(estimate - exact) < 0.15 * exact + 0.02
+
+
+def cosine_train_context(la: fastlla.ScaLLA, x_t, x_u) -> float:
+    """Mean |cosine| between training and context features (0 when the kernels separate)."""
+    phi_t = la._features(x_t).permute(0, 2, 1).reshape(-1, la.n_features)
+    phi_u = la._features(x_u).permute(0, 2, 1).reshape(-1, la.n_features)
+    phi_t = phi_t / phi_t.norm(dim=1, keepdim=True)
+    phi_u = phi_u / phi_u.norm(dim=1, keepdim=True)
+    return float((phi_t @ phi_u.mT).abs().mean())
+
+
+def test_context_points_decorrelate_context_from_training_kernel():
+    model, loader, _ = make_problem("classification", n=64)
+    g = torch.Generator().manual_seed(5)
+    x_context = 4.0 + torch.randn(64, 4, generator=g, dtype=DTYPE)
+    context = DataLoader(TensorDataset(x_context), batch_size=8)
+    x_train = loader.dataset.tensors[0]
+    cos = {}
+    for name, ctx in (("plain", None), ("biased", context)):
+        la = fastlla.ScaLLA(model, "classification", n_features=16, seed=0)
+        la.fit(loader, context_loader=ctx, iterations=300, lr=3e-3, progress_bar=False)
+        cos[name] = cosine_train_context(la, x_train, x_context)
+    assert cos["biased"] < 0.7 * cos["plain"]
+
+
+def test_regression_predictive_adds_noise_on_request():
+    model, loader, x_test = make_problem("regression")
+    la = fastlla.ScaLLA(model, "regression", n_features=8, sigma_noise=0.5)
+    la.fit(loader, iterations=5, progress_bar=False)
+    mean, f_var = la(x_test)
+    _, y_var = la(x_test, include_noise=True)
+    eye = torch.eye(f_var.shape[-1], dtype=DTYPE)
+    assert torch.allclose(y_var - f_var, 0.25 * eye.expand_as(f_var))
+    assert torch.equal(mean, model(x_test).detach())
+
+
+@pytest.mark.parametrize("link", ["probit", "bridge", "mc"])
+def test_classification_probabilities_are_distributions(link):
+    model, loader, x_test = make_problem("classification")
+    la = fastlla.ScaLLA(model, "classification", n_features=8)
+    la.fit(loader, iterations=5, progress_bar=False)
+    probs = la(x_test, link_approx=link, n_samples=50)
+    assert probs.shape == (7, 3)
+    assert torch.allclose(probs.sum(-1), torch.ones(7, dtype=DTYPE))
+    assert (probs > 0).all()
+
+
+# --------------------------------------------------------------------------- structured models
+class TwoInputNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 6)
+        self.b = nn.Linear(2, 6)
+        self.norm = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, left, right):
+        return self.out(torch.tanh(self.norm(self.a(left) + self.b(right))))
+
+
+def test_dict_inputs_batchnorm_and_frozen_parameters():
+    g = torch.Generator().manual_seed(0)
+    model = TwoInputNet().to(DTYPE)
+    model.norm.running_mean.normal_(generator=g)
+    model.b.weight.requires_grad_(False)
+    model.eval()
+    n = 24
+    xs = {"left": torch.randn(n, 3, generator=g, dtype=DTYPE), "right": torch.randn(n, 2, generator=g, dtype=DTYPE)}
+    y = torch.randint(0, 2, (n,), generator=g)
+
+    class DictData(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return {k: v[i] for k, v in xs.items()}, y[i]
+
+    loader = DataLoader(DictData(), batch_size=6)
+    la = fastlla.ScaLLA(model, "classification", n_features=6)
+    la.fit(loader, iterations=10, progress_bar=False)
+    expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert la.network.n_params == expected
+    probs = la({k: v[:5] for k, v in xs.items()})
+    assert probs.shape == (5, 2)
+    # the default surrogate's trunk is a trainable copy; the user's model is untouched
+    assert not model.b.weight.requires_grad
+    exact = fastlla.ExactLLA(model, "classification").fit(loader)
+    assert exact.n_params == expected
+
+
+# --------------------------------------------------------------------------- saving
+def test_state_dict_round_trip_is_exact():
+    model, loader, x_test = make_problem("classification")
+    la = fastlla.ScaLLA(model, "classification", n_features=8, prior_precision=2.0)
+    la.fit(loader, iterations=20, progress_bar=False)
+    la.optimize_prior_precision("marglik")
+    state = la.state_dict()
+    restored = fastlla.ScaLLA(model, "classification", n_features=8)
+    restored.load_state_dict(state)
+    assert restored.prior_precision == la.prior_precision
+    assert torch.equal(restored.predictive_distribution(x_test)[1], la.predictive_distribution(x_test)[1])
+    assert float(restored.log_marginal_likelihood()) == float(la.log_marginal_likelihood())
+
+
+def test_state_dict_from_another_model_is_refused():
+    model, loader, _ = make_problem("classification")
+    la = fastlla.ScaLLA(model, "classification", n_features=8)
+    la.fit(loader, iterations=2, progress_bar=False)
+    other, _, _ = make_problem("classification", seed=1)
+    with torch.no_grad():
+        other[0].weight.add_(1.0)
+    with pytest.raises(ValueError, match="other weights"):
+        fastlla.ScaLLA(other, "classification", n_features=8).load_state_dict(la.state_dict())
+    wider = nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 3)).to(DTYPE)
+    with pytest.raises(ValueError, match="other parameters"):
+        fastlla.ScaLLA(wider, "classification", n_features=8).load_state_dict(la.state_dict())
+    with pytest.raises(ValueError, match="likelihood"):
+        fastlla.ScaLLA(model, "regression", n_features=8).load_state_dict(la.state_dict())
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input_is_refused_clearly():
+    model, loader, x_test = make_problem("classification")
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        fastlla.ScaLLA(model, "poisson")
+    with pytest.raises(ValueError, match="prior_precision"):
+        fastlla.ScaLLA(model, "classification", prior_precision=-1.0)
+    frozen = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fastlla.ScaLLA(frozen, "classification")
+
+    la = fastlla.ScaLLA(model, "classification", n_features=4)
+    with pytest.raises(NotFittedError):
+        la(x_test)
+    with pytest.raises(RuntimeError, match="fit"):
+        la.kernel_fidelity(x_test)
+    with pytest.raises(ValueError, match="empty"):
+        la.fit(DataLoader(TensorDataset(torch.empty(0, 4, dtype=DTYPE), torch.empty(0, dtype=torch.long))))
+    bad_x = loader.dataset.tensors[0].clone()
+    bad_x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        la.fit(DataLoader(TensorDataset(bad_x, loader.dataset.tensors[1]), batch_size=8), iterations=1)
+    bad_y = loader.dataset.tensors[1].clone()
+    bad_y[0] = 7
+    with pytest.raises(ValueError, match="labels"):
+        la.fit(DataLoader(TensorDataset(loader.dataset.tensors[0], bad_y), batch_size=8), iterations=0)
+    empty_context = DataLoader(TensorDataset(torch.empty(0, 4, dtype=DTYPE)), batch_size=4)
+    with pytest.raises(ValueError, match="context_loader"):
+        la.fit(loader, context_loader=empty_context, iterations=2, progress_bar=False)
+    with pytest.raises(ValueError, match="n_projections"):
+        la.fit(loader, iterations=2, n_projections=0, progress_bar=False)
+
+    class FlatSurrogate(nn.Module):
+        def forward(self, x):
+            return x  # (B, d): not (B, M, C)
+
+    with pytest.raises(ValueError, match=r"\(B, M, C\)"):
+        fastlla.ScaLLA(model, "classification", surrogate=FlatSurrogate()).fit(loader, iterations=0)
+
+    class NaNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3).to(DTYPE)
+
+        def forward(self, x):
+            return self.lin(x) * float("nan")
+
+    with pytest.raises(ValueError, match="outputs contain NaN"):
+        fastlla.ScaLLA(NaNNet(), "classification", n_features=4).fit(loader, iterations=0)
