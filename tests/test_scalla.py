@@ -32,6 +32,7 @@ class JacobianSurrogate(nn.Module):
 
 def make_problem(likelihood: str, n: int = 40, d: int = 4, C: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, C)).to(DTYPE)
     X = torch.randn(n, d, generator=g, dtype=DTYPE)
     if likelihood == "classification":
@@ -134,13 +135,12 @@ def test_jvp_fidelity_estimate_agrees_with_exact():
     assert abs(estimate - exact) < 0.15 * exact + 0.02
 
 
-def cosine_train_context(la: fastlla.ScaLLA, x_t, x_u) -> float:
-    """Mean |cosine| between training and context features (0 when the kernels separate)."""
+def cross_kernel_share(la: fastlla.ScaLLA, x_t, x_u) -> float:
+    """``‖Q_TU‖_F / √(‖Q_TT‖_F ‖Q_UU‖_F)``: 0 when training and context kernels separate."""
     phi_t = la._features(x_t).permute(0, 2, 1).reshape(-1, la.n_features)
     phi_u = la._features(x_u).permute(0, 2, 1).reshape(-1, la.n_features)
-    phi_t = phi_t / phi_t.norm(dim=1, keepdim=True)
-    phi_u = phi_u / phi_u.norm(dim=1, keepdim=True)
-    return float((phi_t @ phi_u.mT).abs().mean())
+    tt, uu, tu = (phi_t @ phi_t.mT).norm(), (phi_u @ phi_u.mT).norm(), (phi_t @ phi_u.mT).norm()
+    return float(tu / (tt * uu).sqrt())
 
 
 def test_context_points_decorrelate_context_from_training_kernel():
@@ -149,12 +149,13 @@ def test_context_points_decorrelate_context_from_training_kernel():
     x_context = 4.0 + torch.randn(64, 4, generator=g, dtype=DTYPE)
     context = DataLoader(TensorDataset(x_context), batch_size=8)
     x_train = loader.dataset.tensors[0]
-    cos = {}
+    share = {}
     for name, ctx in (("plain", None), ("biased", context)):
         la = fastlla.ScaLLA(model, "classification", n_features=16, seed=0)
         la.fit(loader, context_loader=ctx, iterations=300, lr=3e-3, progress_bar=False)
-        cos[name] = cosine_train_context(la, x_train, x_context)
-    assert cos["biased"] < 0.7 * cos["plain"]
+        share[name] = cross_kernel_share(la, x_train, x_context)
+    # measured over three model seeds: plain 0.67-0.76, biased 0.37-0.42
+    assert share["biased"] < 0.75 * share["plain"]
 
 
 def test_regression_predictive_adds_noise_on_request():
