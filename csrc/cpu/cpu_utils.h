@@ -1,0 +1,57 @@
+// Small helpers shared by the CPU kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace fastlla {
+namespace cpu {
+
+// Number of column tiles used for a symmetric product of width k: tiles of about `tile`
+// columns. ATen has no syrk, so XᵀX is formed from the t(t+1)/2 lower tiles with GEMMs
+// (BLAS on every tile): 0.625 of the full product for t = 4, 0.75 for t = 2.
+inline int64_t n_tiles(int64_t k, int64_t tile) {
+  return std::max<int64_t>(1, (k + tile - 1) / tile);
+}
+
+inline int64_t tile_begin(int64_t k, int64_t t, int64_t i) { return (k * i) / t; }
+
+// s (k, k) lower tiles (diagonal tiles in full) += xᵀx for x (n, k); beta = 0 overwrites.
+// Tiles strictly above the diagonal are left untouched (see mirror_lower_tiles).
+inline void syrk_lower_tiles(at::Tensor& s, const at::Tensor& x, int64_t tile, double beta) {
+  const int64_t k = x.size(1);
+  const int64_t t = n_tiles(k, tile);
+  for (int64_t i = 0; i < t; ++i) {
+    const int64_t i0 = tile_begin(k, t, i), i1 = tile_begin(k, t, i + 1);
+    at::Tensor xi = x.narrow(1, i0, i1 - i0);
+    for (int64_t j = 0; j <= i; ++j) {
+      const int64_t j0 = tile_begin(k, t, j), j1 = tile_begin(k, t, j + 1);
+      at::Tensor sij = s.narrow(0, i0, i1 - i0).narrow(1, j0, j1 - j0);
+      at::Tensor xj = x.narrow(1, j0, j1 - j0);
+      if (beta == 0.0) {
+        at::mm_out(sij, xi.t(), xj);
+      } else {
+        sij.addmm_(xi.t(), xj, beta, 1.0);
+      }
+    }
+  }
+}
+
+// Copy the lower tiles of s into the upper ones (s becomes symmetric).
+inline void mirror_lower_tiles(at::Tensor& s, int64_t tile) {
+  const int64_t k = s.size(0);
+  const int64_t t = n_tiles(k, tile);
+  for (int64_t i = 0; i < t; ++i) {
+    const int64_t i0 = tile_begin(k, t, i), i1 = tile_begin(k, t, i + 1);
+    for (int64_t j = 0; j < i; ++j) {
+      const int64_t j0 = tile_begin(k, t, j), j1 = tile_begin(k, t, j + 1);
+      s.narrow(0, j0, j1 - j0)
+          .narrow(1, i0, i1 - i0)
+          .copy_(s.narrow(0, i0, i1 - i0).narrow(1, j0, j1 - j0).t());
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastlla
