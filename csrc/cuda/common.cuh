@@ -73,14 +73,14 @@ __host__ __device__ __forceinline__ uint32_t hash_ab(int64_t a, int64_t b) {
 }
 
 // hash4(a, b, c, d) = mix32(mix32(hash_ab(a, b) ^ c) ^ d); `hc` = mix32(hash_ab ^ c).
-__device__ __forceinline__ uint32_t hash_d(uint32_t hc, uint32_t d) { return mix32(hc ^ d); }
+__host__ __device__ __forceinline__ uint32_t hash_d(uint32_t hc, uint32_t d) { return mix32(hc ^ d); }
 
-__device__ __forceinline__ double uniform_from_hash(uint32_t h) {
+__host__ __device__ __forceinline__ double uniform_from_hash(uint32_t h) {
   return (static_cast<double>(h) + 0.5) / 4294967296.0;
 }
 
 // Box–Muller from the two hashes (2·row, col) and (2·row + 1, col).
-__device__ __forceinline__ double box_muller(uint32_t h1, uint32_t h2) {
+__host__ __device__ __forceinline__ double box_muller(uint32_t h1, uint32_t h2) {
   const double u1 = uniform_from_hash(h1), u2 = uniform_from_hash(h2);
   // 2.0 * math.pi as Python folds it, then times u2 (as reference._normal).
   return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
