@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command of README.md (and of CI): installs what the tests need, builds the compiled
+# library, runs the suite with it and again without it (pure-PyTorch reference ops), and
+# compiles every CUDA kernel file with nvcc when nvcc is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q setuptools wheel ninja pybind11 numpy tqdm scikit-learn matplotlib \
+    pytest pytest-benchmark scipy
+MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps -e .
+
+echo "== tests with the compiled library =="
+FASTLLA_REQUIRE_NATIVE=1 python -m pytest -q "$@"
+echo "== tests with the pure-PyTorch reference ops (FASTLLA_DISABLE_NATIVE=1) =="
+FASTLLA_DISABLE_NATIVE=1 python -m pytest -q "$@"
+
+if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+    echo "== nvcc compile check of csrc/cuda/*.cu =="
+    bash scripts/check_cuda_compile.sh
+else
+    echo "== nvcc not found: CUDA compile check skipped =="
+fi
