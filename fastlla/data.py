@@ -7,7 +7,7 @@ identical tensors.
 
 Shapes
 ------
-* digits: images ``(N, 1, 8, 8)`` in ``[0, 1]`` (or ``(N, 64)`` with ``flat=True``), labels ``(N,)``.
+* digits: images ``(N, 1, 8, 8)`` in ``[0, 1]`` (``(N, 64)`` with ``flat=True``), labels ``(N,)``.
 * diabetes: inputs ``(N, 10)``, targets ``(N, 1)``, both standardised with *training* statistics.
 * gap regression: inputs ``(N, 1)``, targets ``(N, 1)``, plus a dense plotting grid.
 

@@ -118,7 +118,9 @@ class DigitsCNN(nn.Module):
         if x.dim() == 2 and x.shape[1] == 64:
             x = x.reshape(-1, 1, 8, 8)  # accept the flat digits layout too
         if tuple(x.shape[1:]) != (1, 8, 8):
-            raise ValueError(f"fastlla: DigitsCNN expects (B, 1, 8, 8) inputs, got {tuple(x.shape)}")
+            raise ValueError(
+                f"fastlla: DigitsCNN expects (B, 1, 8, 8) inputs, got {tuple(x.shape)}"
+            )
         return self.trunk(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -232,7 +234,8 @@ def train_map(
                 )
         elif y.shape != out.shape:
             raise ValueError(
-                f"fastlla: regression targets {tuple(y.shape)} must match outputs {tuple(out.shape)}"
+                f"fastlla: regression targets {tuple(y.shape)} must match outputs "
+                f"{tuple(out.shape)}"
             )
 
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):

@@ -13,7 +13,8 @@ from sklearn.metrics import accuracy_score, brier_score_loss, log_loss, roc_auc_
 from fastlla import metrics
 
 
-def _random_probs(n: int, c: int, seed: int, sharp: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_probs(n: int, c: int, seed: int, sharp: float = 3.0):
+    """Random (N, C) float64 probabilities and (N,) labels."""
     g = torch.Generator().manual_seed(seed)
     probs = torch.softmax(sharp * torch.randn(n, c, generator=g, dtype=torch.float64), dim=1)
     y = torch.randint(0, c, (n,), generator=g)
@@ -152,7 +153,8 @@ def test_gaussian_nll_matches_scipy(shape):
 def test_gaussian_nll_scalar_variance_broadcasts():
     mean, _, y = _regression_case((20, 2), 1)
     expected = -stats.norm.logpdf(y.numpy(), loc=mean.numpy(), scale=0.3).mean()
-    assert metrics.gaussian_nll(mean, torch.tensor(0.09, dtype=torch.float64), y) == pytest.approx(expected, rel=1e-12)
+    var = torch.tensor(0.09, dtype=torch.float64)
+    assert metrics.gaussian_nll(mean, var, y) == pytest.approx(expected, rel=1e-12)
     assert metrics.gaussian_nll(mean.float(), torch.full((20, 1), 0.09), y.float()) == (
         pytest.approx(expected, rel=1e-5)
     )

@@ -1,4 +1,4 @@
-"""Models (the features/head convention, sizes) and the MAP trainer (quality, determinism, errors)."""
+"""Models (features/head convention, sizes) and the MAP trainer (quality, determinism, errors)."""
 
 from __future__ import annotations
 
@@ -44,8 +44,10 @@ def test_digits_cnn_parameter_count():
 
 @pytest.mark.parametrize(
     "model,x",
-    [(DigitsCNN(), torch.rand(5, 1, 8, 8)), (DigitsCNN(n_classes=3, hidden=7), torch.rand(2, 1, 8, 8)),
-     (MLP(4, 2), torch.randn(6, 4)), (MLP(4, 3, hidden=(8, 5), activation=nn.ReLU), torch.randn(6, 4)),
+    [(DigitsCNN(), torch.rand(5, 1, 8, 8)),
+     (DigitsCNN(n_classes=3, hidden=7), torch.rand(2, 1, 8, 8)),
+     (MLP(4, 2), torch.randn(6, 4)),
+     (MLP(4, 3, hidden=(8, 5), activation=nn.ReLU), torch.randn(6, 4)),
      (MLP(64, 10, hidden=()), torch.rand(3, 1, 8, 8))],
 )  # fmt: skip
 def test_features_head_convention(model, x):
