@@ -150,8 +150,7 @@ def _split_indices(
     """Train/val/test row indices (60/20/20 by default), stratified by ``labels`` when given."""
     idx = np.arange(n)
     val_frac, test_frac = fractions
-    strat = labels if labels is not None else None
-    rest, test = train_test_split(idx, test_size=test_frac, random_state=seed, stratify=strat)
+    rest, test = train_test_split(idx, test_size=test_frac, random_state=seed, stratify=labels)
     strat = labels[rest] if labels is not None else None
     # val_frac of the whole is val_frac / (1 - test_frac) of what is left.
     train, val = train_test_split(

@@ -136,10 +136,10 @@ def ece(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
     conf, pred = p.max(1)
     n_bins = int(n_bins)
     # b / n_bins exactly (not linspace), so bin edges are reproducible bit for bit
-    edges = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    edges = torch.arange(n_bins + 1, dtype=torch.float64, device=p.device) / n_bins
     idx = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)
     gap = (pred == t).double() - conf
-    per_bin = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, gap)
+    per_bin = torch.zeros(n_bins, dtype=torch.float64, device=p.device).index_add_(0, idx, gap)
     # |B_b|/N · |acc_b − conf_b| = |Σ_{n∈B_b} (correct_n − conf_n)| / N
     return float(per_bin.abs().sum() / len(t))
 
@@ -179,7 +179,7 @@ def auroc(scores_in: Tensor, scores_out: Tensor) -> float:
         raise ValueError(
             f"fastlla: scores must be 1-D, got {tuple(s_in.shape)} and {tuple(s_out.shape)}"
         )
-    scores = torch.cat([s_in.double(), s_out.double()]).numpy()
+    scores = torch.cat([s_in.double().cpu(), s_out.double().cpu()]).numpy()
     labels = torch.cat([torch.zeros(len(s_in)), torch.ones(len(s_out))]).numpy()
     return float(roc_auc_score(labels, scores))
 
