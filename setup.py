@@ -43,7 +43,7 @@ def get_extensions():
     use_cuda = _use_cuda()
     opt = ["-O0", "-g"] if debug else ["-O3"]
 
-    cxx = [*opt, "-std=c++17", "-fdiagnostics-color=always"]
+    cxx = [*opt, "-fdiagnostics-color=always"]
     link = ["-O0", "-g"] if debug else []
     # at::parallel_for is inline in the headers and only parallel when compiled with OpenMP
     # (the backend torch itself uses); the OpenMP runtime is the one torch already loads.
@@ -60,7 +60,7 @@ def get_extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         sources += _sources("cuda/*.cu") + _sources("cuda/*.cpp")
         define_macros.append(("FASTLLA_WITH_CUDA", None))
-        extra_compile_args["nvcc"] = [*opt, "-std=c++17", "--expt-relaxed-constexpr"]
+        extra_compile_args["nvcc"] = [*opt, "--expt-relaxed-constexpr"]
         if debug:
             extra_compile_args["nvcc"].append("-lineinfo")
 
