@@ -15,7 +15,7 @@ Jacobians are computed with ``torch.func`` over chunks of ``chunk_size`` inputs,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -89,6 +89,11 @@ class ExactLLA(LaplaceBase):
     def _resolve_form(self, loader: Iterable) -> str:
         if self.form != "auto":
             return self.form
+        if isinstance(loader, Iterator):  # choosing the form reads the data before fitting does
+            raise TypeError(
+                "fastlla: form='auto' needs a re-iterable train_loader (a DataLoader or a list "
+                "of batches), not a one-shot iterator; pass form='weight' or 'function'"
+            )
         try:
             n = len(loader.dataset)  # type: ignore[attr-defined]
         except (AttributeError, TypeError):

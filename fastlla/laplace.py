@@ -124,7 +124,8 @@ class LaplaceBase:
         if y is None:
             return
         if self.likelihood is Likelihood.CLASSIFICATION:
-            if y.dtype.is_floating_point or y.dim() != 1:
+            integer = not (y.dtype.is_floating_point or y.is_complex() or y.dtype == torch.bool)
+            if not integer or y.dim() != 1:
                 raise ValueError("fastlla: classification targets must be 1-D integer labels")
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= f.shape[-1]):
                 raise ValueError(
@@ -146,7 +147,7 @@ class LaplaceBase:
         self.n_outputs = f.shape[-1]
         if self.likelihood is Likelihood.CLASSIFICATION:
             logp = torch.log_softmax(f.double(), dim=-1)
-            self._loglik_stat += float(logp.gather(1, y.view(-1, 1)).sum())
+            self._loglik_stat += float(logp.gather(1, y.view(-1, 1).long()).sum())
         else:
             self._loglik_stat += float((y.reshape(f.shape).double() - f.double()).square().sum())
         self.n_data += f.shape[0]
@@ -276,7 +277,7 @@ class LaplaceBase:
     def _nll_sum(self, f: Tensor, cov: Tensor, y: Tensor, link: str) -> Tensor:
         if self.likelihood is Likelihood.CLASSIFICATION:
             probs = class_probabilities(f, cov, link)
-            return -torch.log(probs.gather(1, y.view(-1, 1)).clamp_min(1e-300)).sum()
+            return -torch.log(probs.gather(1, y.view(-1, 1).long()).clamp_min(1e-300)).sum()
         var = torch.diagonal(cov, dim1=-2, dim2=-1) + self.sigma_noise**2
         resid = y.reshape(f.shape) - f
         return 0.5 * (torch.log(2 * math.pi * var) + resid.square() / var).sum()

@@ -34,13 +34,15 @@ def psd_safe_cholesky(A: Tensor, warn: bool = True) -> Tensor:
 
     On failure adds ``jitter · mean(diag A) · I`` only to the failing matrices, growing ×10 per
     try (with a warning when ``warn``), and raises :class:`NotPositiveDefiniteError` after
-    ``MAX_JITTER_TRIES``. NaN entries raise ``ValueError`` at once.
+    ``MAX_JITTER_TRIES``. NaN or Inf entries raise ``ValueError`` at once.
     """
+    # Checked before factorising: Cholesky reads only the lower triangle, so a NaN above the
+    # diagonal would otherwise pass silently, and an Inf on the diagonal "succeeds".
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError("fastlla: cannot factorise a matrix that contains NaN or Inf")
     L, info = torch.linalg.cholesky_ex(A)
     if not bool((info > 0).any()):
         return L
-    if torch.isnan(A).any():
-        raise ValueError("fastlla: cannot factorise a matrix that contains NaN")
     n = A.shape[-1]
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
     scale = torch.diagonal(A, dim1=-2, dim2=-1).abs().mean(dim=-1).clamp_min(1e-30)
