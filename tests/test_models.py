@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -81,19 +80,16 @@ def test_model_bad_sizes():
 
 
 def test_train_map_digits_cnn_accuracy():
-    """Defaults reach ≥ 0.95 test accuracy (0.975 here) in about 4 s of CPU time (1 thread);
-    the CPU-time bound keeps this test under 20 s whatever else shares the machine."""
+    """Defaults reach ≥ 0.95 test accuracy (0.975 here; about 4 s of CPU time on 1 thread).
+    Speed is a benchmark's business, not a unit test's: no timing is asserted."""
     data = load_digits_split()
     torch.manual_seed(0)
     model = DigitsCNN()
-    start = time.process_time()
     train_map(model, data.loader("train", batch_size=64, shuffle=True), "classification")
-    cpu_s = time.process_time() - start
     assert not model.training
     with torch.no_grad():
         acc = float((model(data.x_test).argmax(1) == data.y_test).double().mean())
     assert acc >= 0.95
-    assert cpu_s < 20.0
 
 
 def test_train_map_mlp_gap_regression():
