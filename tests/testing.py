@@ -1,0 +1,76 @@
+"""Shared fixtures and helpers of the op tests: devices, dtypes, tolerances, inputs.
+
+Tests take ``device`` and ``dtype`` as fixtures (``cpu``, plus ``cuda`` when a GPU is present;
+float32 and float64), so every op is checked on every backend the machine has.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import fastlla._ops as ops
+
+__all__ = [
+    "DEVICES",
+    "DTYPES",
+    "NATIVE",
+    "device",
+    "dtype",
+    "tolerance",
+    "assert_close",
+    "strided",
+    "random_factor",
+    "make",
+]
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float64]
+NATIVE = ops.NATIVE_LOADED
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=["float32", "float64"])
+def dtype(request) -> torch.dtype:
+    return request.param
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance for results of a few hundred accumulated products."""
+    return 2e-4 if dtype == torch.float32 else 1e-10
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    """Equal up to the dtype's tolerance, relative to the largest entry of ``expected``."""
+    rtol = tolerance(dtype) * scale
+    atol = rtol * max(float(expected.abs().max()) if expected.numel() else 0.0, 1e-30)
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol)
+
+
+def strided(t: Tensor) -> Tensor:
+    """A non-contiguous tensor equal to ``t`` (every other element of a wider buffer)."""
+    if t.dim() == 0:
+        return t
+    buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+    view = buf[..., 1::2]
+    view.copy_(t)
+    assert t.numel() == 0 or t.shape[-1] <= 1 or not view.is_contiguous()
+    return view
+
+
+def make(*shape: int, dtype: torch.dtype, device: str, seed: int = 0, scale: float = 1.0) -> Tensor:
+    """Reproducible standard-normal input (generated on the CPU, then moved)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+
+def random_factor(m: int, dtype: torch.dtype, device: str, seed: int = 0) -> Tensor:
+    """Lower Cholesky factor of a well-conditioned SPD ``m × m`` matrix (A = XXᵀ/m + I)."""
+    x = make(m, m, dtype=torch.float64, device="cpu", seed=seed)
+    a = x @ x.T / max(m, 1) + torch.eye(m, dtype=torch.float64)
+    return torch.linalg.cholesky(a).to(device, dtype)
