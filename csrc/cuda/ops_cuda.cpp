@@ -3,8 +3,8 @@
 // Each op: the same input checks as the CPU kernels and the Python reference (checks.h), a
 // device guard, contiguous inputs, outputs and scratch from the caching allocator, the kernels
 // of kernels.h launched on the current stream, a launch check after each. GEMM-shaped work that
-// cuBLAS already does well (the triangular solve of the predictive ops, C > 32 products) goes
-// through at:: ops; the rest is fused in the custom kernels.
+// cuBLAS already does well (the triangular solve of the predictive ops, C > 32 products, large
+// Grams — see use_cublas) goes through at:: ops; the rest is fused in the custom kernels.
 //
 // Compiled only in the CUDAExtension build (setup.py, FASTLLA_WITH_CUDA); the kernels themselves
 // are plain CUDA (scripts/check_cuda_compile.sh compiles them without torch).
@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -35,6 +37,45 @@ at::Tensor layout_like(const at::Tensor& buffer, const at::Tensor& like) {
   return out;
 }
 
+// ---------------------------------------------------------------------------- Gram path
+// The Grams of the loss and the GGN are rows·D² multiply-adds. Small ones are launch-bound:
+// the fused kernels (gram.cu: concatenation / softmax factor formed on the fly, two or three
+// launches in all) win there. Large ones are FLOP-bound, where cuBLAS beats the simple
+// shared-memory tiling of gram.cu; above kCublasMinWork the ops materialise the rows once and
+// call at::mm. FASTLLA_CUDA_GEMM=kernel|cublas forces one path (benchmarks, tests).
+constexpr double kCublasMinWork = 1e8;
+
+bool use_cublas(double work) {
+  const char* v = std::getenv("FASTLLA_CUDA_GEMM");
+  if (v != nullptr && std::strcmp(v, "kernel") == 0) return false;
+  if (v != nullptr && std::strcmp(v, "cublas") == 0) return true;
+  return work >= kCublasMinWork;
+}
+
+// gram (2, D, D) = the Grams X_gᵀX_g of X = [Φ Z] over rows [0, n_train) and [n_train, R).
+void loss_grams(const at::Tensor& phi_c, const at::Tensor& z_c, int64_t n_train,
+                at::Tensor& gram, at::Tensor* x_out) {
+  const int64_t R = phi_c.size(0), M = phi_c.size(1), S = z_c.size(1), D = M + S;
+  if (use_cublas(static_cast<double>(R) * static_cast<double>(D) * static_cast<double>(D))) {
+    at::Tensor x = at::cat({phi_c, z_c}, 1);
+    if (n_train > 0) {
+      const at::Tensor xg = x.narrow(0, 0, n_train);
+      gram.select(0, 0).copy_(at::mm(xg.t(), xg));
+    }
+    if (R > n_train) {
+      const at::Tensor xg = x.narrow(0, n_train, R - n_train);
+      gram.select(0, 1).copy_(at::mm(xg.t(), xg));
+    }
+    if (x_out != nullptr) *x_out = x;
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(phi_c.scalar_type(), "loss_gram_cuda", [&] {
+    gpu::loss_gram<scalar_t>(phi_c.data_ptr<scalar_t>(), z_c.data_ptr<scalar_t>(), R, M, S,
+                             n_train, gram.data_ptr<scalar_t>(), current_stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 // ---------------------------------------------------------------------------- loss
 at::Tensor kernel_matching_loss_cuda(const at::Tensor& phi, const at::Tensor& z,
                                      int64_t n_train) {
@@ -46,11 +87,9 @@ at::Tensor kernel_matching_loss_cuda(const at::Tensor& phi, const at::Tensor& z,
   const at::Tensor phi_c = phi.contiguous(), z_c = z.contiguous();
   at::Tensor gram = at::zeros({2, D, D}, phi.options());
   at::Tensor acc = at::zeros({1}, phi.options().dtype(at::kDouble));
+  loss_grams(phi_c, z_c, n_train, gram, nullptr);
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(phi.scalar_type(), "kernel_matching_loss_cuda", [&] {
-    gpu::loss_gram<scalar_t>(phi_c.data_ptr<scalar_t>(), z_c.data_ptr<scalar_t>(), R, M, S,
-                             n_train, gram.data_ptr<scalar_t>(), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     gpu::loss_from_gram<scalar_t>(gram.data_ptr<scalar_t>(), R, M, S, acc.data_ptr<double>(),
                                   out.data_ptr<scalar_t>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -70,13 +109,33 @@ std::tuple<at::Tensor, at::Tensor> kernel_matching_loss_backward_cuda(const at::
   // The upstream gradient as one scalar of phi's dtype on phi's device (read by the kernel).
   const at::Tensor grad_c = grad.reshape({}).to(phi.options()).contiguous();
   at::Tensor gram = at::zeros({2, D, D}, phi.options());
+  at::Tensor x;
+  loss_grams(phi_c, z_c, n_train, gram, &x);
+  if (x.defined()) {
+    // cuBLAS path: [grad_phi grad_z]_g = scale · X_g K_g with
+    // K_g = [[ΣG^ΦΦ, −G_g^ΦZ], [−G_g^ZΦ, G_g^ZZ]] (as gpu::loss_backward forms on the fly).
+    at::Tensor K = gram.neg();
+    const at::Tensor A = gram.select(0, 0).narrow(0, 0, M).narrow(1, 0, M) +
+                         gram.select(0, 1).narrow(0, 0, M).narrow(1, 0, M);
+    K.narrow(1, 0, M).narrow(2, 0, M).copy_(A.unsqueeze(0).expand({2, M, M}));
+    K.narrow(1, M, S).narrow(2, M, S).copy_(gram.narrow(1, M, S).narrow(2, M, S));
+    at::Tensor out = at::empty({R, D}, phi.options());
+    if (n_train > 0) {
+      at::Tensor rows = out.narrow(0, 0, n_train);
+      at::mm_out(rows, x.narrow(0, 0, n_train), K.select(0, 0));
+    }
+    if (R > n_train) {
+      at::Tensor rows = out.narrow(0, n_train, R - n_train);
+      at::mm_out(rows, x.narrow(0, n_train, R - n_train), K.select(0, 1));
+    }
+    out.mul_(grad_c * (4.0 / (static_cast<double>(R) * static_cast<double>(R))));
+    return {layout_like(out.narrow(1, 0, M).contiguous(), phi),
+            layout_like(out.narrow(1, M, S).contiguous(), z)};
+  }
   at::Tensor grad_phi = at::empty({R, M}, phi.options());
   at::Tensor grad_z = at::empty({R, S}, phi.options());
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES(phi.scalar_type(), "kernel_matching_loss_backward_cuda", [&] {
-    gpu::loss_gram<scalar_t>(phi_c.data_ptr<scalar_t>(), z_c.data_ptr<scalar_t>(), R, M, S,
-                             n_train, gram.data_ptr<scalar_t>(), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     gpu::loss_backward<scalar_t>(grad_c.data_ptr<scalar_t>(), phi_c.data_ptr<scalar_t>(),
                                  z_c.data_ptr<scalar_t>(), R, M, S, n_train,
                                  gram.data_ptr<scalar_t>(), grad_phi.data_ptr<scalar_t>(),
@@ -95,6 +154,8 @@ void ggn_accumulate_cuda(at::Tensor& h, const at::Tensor& phi,
   if (N == 0 || M == 0 || C == 0) return;
   const at::Tensor phi_c = phi.contiguous();
   const cudaStream_t stream = current_stream();
+  const bool cublas = use_cublas(static_cast<double>(N) * static_cast<double>(C) *
+                                 static_cast<double>(M) * static_cast<double>(M));
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "ggn_accumulate_cuda", [&] {
     if (logits.has_value()) {
       const at::Tensor lg = logits->contiguous();
@@ -104,10 +165,23 @@ void ggn_accumulate_cuda(at::Tensor& h, const at::Tensor& phi,
                                        M, C, sqrt_p.data_ptr<scalar_t>(),
                                        m.data_ptr<scalar_t>(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (cublas) {
+        // Rows y_nc = √p_nc (Φ_n[:, c] − m_n) materialised once, h += YᵀY by cuBLAS.
+        const at::Tensor y = ((phi_c - m.unsqueeze(2)) * sqrt_p.unsqueeze(1))
+                                 .transpose(1, 2)
+                                 .reshape({N * C, M});
+        h.addmm_(y.t(), y);
+        return;
+      }
       gpu::ggn_gram<scalar_t>(phi_c.data_ptr<scalar_t>(), sqrt_p.data_ptr<scalar_t>(),
                               m.data_ptr<scalar_t>(), N, M, C, h.data_ptr<scalar_t>(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
+      if (cublas) {
+        const at::Tensor y = phi_c.transpose(1, 2).reshape({N * C, M});
+        h.addmm_(y.t(), y);
+        return;
+      }
       gpu::ggn_gram<scalar_t>(phi_c.data_ptr<scalar_t>(), nullptr, nullptr, N, M, C,
                               h.data_ptr<scalar_t>(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
