@@ -8,6 +8,10 @@ ATen kernels), checks the two agree, and reports the native kernel's achieved ra
 device's peak: GFLOP/s against FP32 ~67 TFLOP/s / FP64 ~34 TFLOP/s (H100 SXM, non-tensor-core)
 for the compute-shaped ops, GB/s against HBM3 ~3.35 TB/s for the memory-shaped ones.
 
+The loss and the GGN are timed on both of their native paths (FASTLLA_CUDA_GEMM=kernel: the
+fused shared-memory Gram kernel; =cublas: rows materialised once, at::mm) to place the size
+threshold of ops_cuda.cpp (kCublasMinWork) from measurements.
+
 FLOP counts are the algorithm's useful work, GEMM-equivalent (a symmetric Gram counts 2·R·D²
 even though the kernel computes one triangle); bytes are the compulsory traffic (inputs read
 once, outputs written once). Not part of the unit tests (scripts/gpu_check.sh runs it).
@@ -16,6 +20,7 @@ once, outputs written once). Not part of the unit tests (scripts/gpu_check.sh ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -27,6 +32,27 @@ import fastlla._ops as ops  # noqa: E402
 from fastlla import reference as ref  # noqa: E402
 
 PEAK = {"fp32_gflops": 67_000.0, "fp64_gflops": 34_000.0, "hbm_gbs": 3_350.0}
+
+# The loss and the GGN choose between the fused Gram kernel and cuBLAS by size
+# (ops_cuda.cpp: use_cublas); the benchmark times both paths, and "auto" is one of them.
+PATHS = ("kernel", "cublas")
+
+
+@contextlib.contextmanager
+def gemm_path(path: str):
+    old = os.environ.get("FASTLLA_CUDA_GEMM")
+    os.environ["FASTLLA_CUDA_GEMM"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FASTLLA_CUDA_GEMM", None)
+        else:
+            os.environ["FASTLLA_CUDA_GEMM"] = old
+
+
+def path_tag(path: str) -> str:
+    return f"[{path}]"
 
 
 def time_ms(fn, min_ms: float = 50.0, max_iters: int = 500) -> float:
@@ -98,13 +124,17 @@ def bench_loss(R, M, S, dtype):
     f_nat = lambda: torch.ops.fastlla.kernel_matching_loss(phi, z, n_train)  # noqa: E731
     f_ref = lambda: ref.kernel_matching_loss(phi, z, n_train)  # noqa: E731
     shape = f"R={R} M={M} S={S}"
-    record("kernel_matching_loss", shape, dtype, f_nat, f_ref, flops=2 * R * D * D,
-           bytes_=R * D * phi.element_size(), check=max_err(f_nat(), f_ref()))
     g = torch.tensor(1.0, device="cuda", dtype=dtype)
     b_nat = lambda: torch.ops.fastlla.kernel_matching_loss_backward(g, phi, z, n_train)  # noqa: E731
     b_ref = lambda: ref.kernel_matching_loss_backward(g, phi, z, n_train)  # noqa: E731
-    record("kernel_matching_loss_bwd", shape, dtype, b_nat, b_ref, flops=4 * R * D * D,
-           bytes_=2 * R * D * phi.element_size(), check=max_err(b_nat(), b_ref()))
+    for path in PATHS:
+        with gemm_path(path):
+            record(f"kernel_matching_loss{path_tag(path)}", shape, dtype, f_nat, f_ref,
+                   flops=2 * R * D * D, bytes_=R * D * phi.element_size(),
+                   check=max_err(f_nat(), f_ref()))
+            record(f"kernel_matching_loss_bwd{path_tag(path)}", shape, dtype, b_nat, b_ref,
+                   flops=4 * R * D * D, bytes_=2 * R * D * phi.element_size(),
+                   check=max_err(b_nat(), b_ref()))
 
 
 def bench_ggn(N, M, C, dtype, with_logits=True):
@@ -114,11 +144,14 @@ def bench_ggn(N, M, C, dtype, with_logits=True):
     h2 = h.clone()
     f_nat = lambda: torch.ops.fastlla.ggn_accumulate(h, phi, logits)  # noqa: E731
     f_ref = lambda: ref.ggn_accumulate(h2, phi, logits)  # noqa: E731
-    a, b = h.clone().zero_(), h.clone().zero_()
-    torch.ops.fastlla.ggn_accumulate(a, phi, logits)
-    ref.ggn_accumulate(b, phi, logits)
-    record("ggn_accumulate", f"N={N} M={M} C={C} logits={with_logits}", dtype, f_nat, f_ref,
-           flops=2 * N * C * M * M, bytes_=N * M * C * phi.element_size(), check=max_err(a, b))
+    for path in PATHS:
+        with gemm_path(path):
+            a, b = h.clone().zero_(), h.clone().zero_()
+            torch.ops.fastlla.ggn_accumulate(a, phi, logits)
+            ref.ggn_accumulate(b, phi, logits)
+            record(f"ggn_accumulate{path_tag(path)}", f"N={N} M={M} C={C} logits={with_logits}",
+                   dtype, f_nat, f_ref, flops=2 * N * C * M * M,
+                   bytes_=N * M * C * phi.element_size(), check=max_err(a, b))
 
 
 def spd_factor(M, dtype):
