@@ -145,12 +145,15 @@ class LaplaceBase:
         """Add the batch's log-likelihood statistic and count (``f`` the outputs at θ*)."""
         self._check_outputs(f, y)
         self.n_outputs = f.shape[-1]
+        self._loglik_stat += self._loglik_term(f, y)
+        self.n_data += f.shape[0]
+
+    def _loglik_term(self, f: Tensor, y: Tensor) -> float:
+        """The batch's log-likelihood statistic (checked targets; changes nothing)."""
         if self.likelihood is Likelihood.CLASSIFICATION:
             logp = torch.log_softmax(f.double(), dim=-1)
-            self._loglik_stat += float(logp.gather(1, y.view(-1, 1).long()).sum())
-        else:
-            self._loglik_stat += float((y.reshape(f.shape).double() - f.double()).square().sum())
-        self.n_data += f.shape[0]
+            return float(logp.gather(1, y.view(-1, 1).long()).sum())
+        return float((y.reshape(f.shape).double() - f.double()).square().sum())
 
     # ------------------------------------------------------------------ fitting
     def _reset(self) -> None:

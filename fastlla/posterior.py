@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _ops
 
-__all__ = ["NotPositiveDefiniteError", "psd_safe_cholesky", "FeaturePosterior"]
+__all__ = ["NotPositiveDefiniteError", "psd_safe_cholesky", "FeaturePosterior", "compress_factor"]
 
 # Relative jitter first tried when a Cholesky factorisation fails (×10 per retry).
 JITTER = {torch.float32: 1e-6, torch.float64: 1e-10}
@@ -120,3 +120,36 @@ class FeaturePosterior:
         """Diagonal of :meth:`covariance`; returns (B, C)."""
         L = self.cholesky(prior_precision, data_scale)
         return _ops.predictive_variance(L, phi.contiguous())
+
+    def update(self, W: Tensor) -> None:
+        """Absorb new data with factor ``W`` (M, k), ``WWᵀ = Σ_n Φ_n Λ_n Φ_nᵀ`` over it.
+
+        ``H`` becomes ``H + WWᵀ``; a cached Cholesky factor (for its ``(δ, s)``) is updated in
+        ``O(M²k)`` with ``√s·W`` (``fastlla::cholesky_update``, no refactorisation), and the
+        eigenvalues are recomputed on demand. Nothing changes if ``W`` is refused or the update
+        fails.
+        """
+        if W.dim() != 2 or W.shape[0] != self.n_features:
+            raise ValueError(
+                f"fastlla: the update factor must be (M, k) with M = {self.n_features}, "
+                f"got {tuple(W.shape)}"
+            )
+        if not torch.isfinite(W).all():
+            raise ValueError("fastlla: the update factor contains NaN or Inf (check the features)")
+        W = W.to(dtype=self.H.dtype, device=self.H.device)
+        chol = self._chol
+        if chol is not None:
+            scale = self._chol_key[1] ** 0.5
+            chol = _ops.cholesky_update(chol, (W * scale).contiguous())
+        H = self.H + W @ W.mT
+        self.H = 0.5 * (H + H.mT)
+        self._chol = chol
+        self._eigvals = None
+
+
+def compress_factor(W: Tensor) -> Tensor:
+    """A factor with at most ``M`` columns and the same ``WWᵀ``: ``Rᵀ`` from ``Wᵀ = QR``."""
+    M, k = W.shape
+    if k <= M:
+        return W
+    return torch.linalg.qr(W.mT, mode="r").R.mT.contiguous()

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import _ops
+from . import _ops, distributed
 from .functional import (
     batch_size,
     check_finite,
@@ -34,7 +34,7 @@ from .functional import (
     to_device,
 )
 from .laplace import LaplaceBase
-from .posterior import FeaturePosterior
+from .posterior import FeaturePosterior, compress_factor
 from .predictive import Likelihood
 from .projections import ProjectionSampler, stack_rows
 from .surrogate import Surrogate, check_surrogate_output, default_surrogate, surrogate_features
@@ -127,6 +127,9 @@ class ScaLLA(LaplaceBase):
         surrogate.to(device=self.device)
         with torch.no_grad():
             self.n_features = self._surrogate_features(x0).shape[1]
+        settings = dict(iterations=int(iterations), n_projections=n_projections, lr=lr)
+        settings.update(distribution=distribution)
+        distributed.check_fit_start(self, train_loader, context_loader, x0, settings)
         if iterations:
             self._train_surrogate(
                 train_loader, context_loader, int(iterations), n_projections, lr, distribution,
@@ -149,11 +152,15 @@ class ScaLLA(LaplaceBase):
         params = [p for p in surrogate.parameters() if p.requires_grad]
         if not params:
             raise ValueError("fastlla: the surrogate has no trainable parameters to fit")
-        sampler = ProjectionSampler(self.network, n_projections, distribution, self.seed)
+        sampler = ProjectionSampler(
+            self.network, n_projections, distribution, distributed.rank_seed(self.seed)
+        )
         optimizer = torch.optim.Adam(params, lr=lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, iterations) / iterations))
         )
+        train_loader = distributed.shard(train_loader)  # this rank's share (torch.distributed)
+        context_loader = distributed.shard(context_loader)
         train_batches = _cycle(lambda: (x for x, _ in self._batches(train_loader)))
         context_batches = None
         if context_loader is not None:
@@ -178,6 +185,7 @@ class ScaLLA(LaplaceBase):
             loss = _ops.kernel_matching_loss(rows, target, n_train * self.n_outputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(params)
             optimizer.step()
             schedule.step()
             self.history.append(
@@ -189,7 +197,8 @@ class ScaLLA(LaplaceBase):
         scale = getattr(self.surrogate, "output_scale", None)
         if not isinstance(scale, Tensor):
             return
-        ratio = target.square().sum() / rows.square().sum().clamp_min(1e-30)
+        num, den = distributed.sum_over_ranks(target.square().sum(), rows.square().sum())
+        ratio = num / den.clamp_min(1e-30)
         if torch.isfinite(ratio) and ratio > 0:
             scale.mul_(ratio.sqrt().to(scale.dtype))
 
@@ -210,14 +219,85 @@ class ScaLLA(LaplaceBase):
         M = self.n_features
         H = torch.zeros(M, M, dtype=self.dtype, device=self.device)
         classification = self.likelihood is Likelihood.CLASSIFICATION
+        shard = distributed.shard(loader, "posterior")  # this rank's share (torch.distributed)
         with torch.no_grad():
-            for x, y in tqdm(self._batches(loader), disable=not progress_bar, desc="ScaLLA GGN"):
+            for x, y in tqdm(self._batches(shard), disable=not progress_bar, desc="ScaLLA GGN"):
                 f = self.network.output(x)
                 self._accumulate_loglik(f, y)
                 phi = self._surrogate_features(x)
                 _ops.ggn_accumulate(H, phi.contiguous(), f if classification else None)
+        distributed.all_reduce_posterior(self, H)
         self.posterior = FeaturePosterior(H)
         self._fitted = True
+
+    # ------------------------------------------------------------------ streaming updates
+    def update(self, loader: Iterable, progress_bar: bool = False) -> ScaLLA:
+        """Absorb new data into the fitted posterior without refactorising or revisiting old data.
+
+        Each batch contributes the factor ``W_n = Φ_n R_n`` (``R_n R_nᵀ = Λ_n``); ``H`` grows
+        by ``WWᵀ`` and the cached Cholesky factor is updated in ``O(M²k)``
+        (``fastlla::cholesky_update``), the log-likelihood statistics and ``n_data`` grow by the
+        new data's. The surrogate is not retrained. The result equals a fit over old and new data
+        with the same surrogate; :meth:`optimize_prior_precision` may be called again after it.
+
+        Every batch is read and checked (inputs, targets against the likelihood, the number of
+        outputs and features) before anything changes: a refused update leaves the estimator as
+        it was. Under ``torch.distributed`` the loader is sharded as in :meth:`fit` and every rank
+        absorbs all ranks' data.
+        """
+        self._check_fitted()
+        error, W, stat, count = None, None, 0.0, 0
+        try:
+            shard = distributed.shard(loader, "posterior")
+            W, stat, count = self._update_terms(shard, progress_bar)
+        except (ValueError, TypeError, RuntimeError) as err:
+            error = err
+        distributed.agree(error, "update")  # every rank refuses if one does
+        W = compress_factor(distributed.gather_columns(W))
+        stat_t, count_t = distributed.sum_over_ranks(
+            torch.tensor(stat, dtype=torch.float64), torch.tensor(float(count), dtype=torch.float64)
+        )
+        if int(count_t) == 0:
+            raise ValueError("fastlla: the update loader is empty")
+        self.posterior.update(W)
+        self._loglik_stat += float(stat_t)
+        self.n_data += int(round(float(count_t)))
+        return self
+
+    def _update_terms(self, loader: Iterable, progress_bar: bool) -> tuple[Tensor, float, int]:
+        """``W`` (M, ≤ M columns), the log-likelihood statistic and the count of ``loader``."""
+        from .exact import softmax_hessian_factor
+
+        classification = self.likelihood is Likelihood.CLASSIFICATION
+        M, blocks, stat, count = self.n_features, [], 0.0, 0
+        W = torch.zeros(M, 0, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            for batch in tqdm(loader, disable=not progress_bar, desc="ScaLLA update"):
+                ((x, y),) = self._batches([batch], "loader")  # one batch, checked
+                f = self.network.output(x)
+                self._check_outputs(f, y)
+                stat += self._loglik_term(f, y)
+                count += f.shape[0]
+                phi = check_surrogate_output(
+                    surrogate_features(self.surrogate, x), x, self.n_outputs, M
+                )
+                if classification:
+                    phi = phi @ softmax_hessian_factor(f)
+                blocks.append(phi.permute(1, 0, 2).reshape(M, -1))
+                if sum(b.shape[1] for b in blocks) > 2 * M:
+                    W = compress_factor(torch.cat([W, *blocks], dim=1))
+                    blocks = []
+        return compress_factor(torch.cat([W, *blocks], dim=1)), stat, count
+
+    # ------------------------------------------------------------------ deployment
+    def export(self, output: str = "auto", include_noise: bool = False) -> nn.Module:
+        """A self-contained :class:`fastlla.export.Predictor` (model, surrogate, Cholesky factor).
+
+        See :meth:`fastlla.export.Predictor.from_estimator` for ``output`` and ``include_noise``.
+        """
+        from .export import Predictor
+
+        return Predictor.from_estimator(self, output=output, include_noise=include_noise)
 
     # ------------------------------------------------------------------ hooks
     def _eigvals(self) -> Tensor:
