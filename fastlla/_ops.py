@@ -134,7 +134,7 @@ def check_ggn_accumulate(h: Tensor, phi: Tensor, logits: Tensor | None) -> None:
         )
 
 
-def check_cholesky_update(L: Tensor, W: Tensor, downdate: bool) -> None:
+def check_cholesky_update(L: Tensor, W: Tensor, downdate: bool = False) -> None:
     op = "cholesky_update"
     _check_square(op, "L", L)
     _check_dim(op, "W", W, 2)
@@ -191,6 +191,11 @@ def check_random_tangents(out: Tensor, seed: int, step: int, distribution: str) 
     )
 
 
+def _cholesky_update_reference(L: Tensor, W: Tensor, downdate: bool = False) -> Tensor:
+    # cholesky_ex returns a column-major factor; the fake (and native) output is row-major.
+    return reference.cholesky_update(L, W, downdate).contiguous()
+
+
 def _checked(check: Callable, kernel: Callable) -> Callable:
     def run(*args):
         check(*args)
@@ -209,7 +214,9 @@ _REFERENCE_KERNELS: dict[str, Callable] = {
         reference.kernel_matching_loss_backward,
     ),
     "ggn_accumulate": _checked(check_ggn_accumulate, reference.ggn_accumulate),
-    "cholesky_update": _checked(check_cholesky_update, reference.cholesky_update),
+    # The dispatcher omits arguments equal to their schema default when it calls a Python
+    # kernel, so `downdate` must default here too.
+    "cholesky_update": _checked(check_cholesky_update, _cholesky_update_reference),
     "predictive_covariance": _checked(
         lambda L, phi: check_predictive(L, phi, "predictive_covariance"),
         reference.predictive_covariance,
