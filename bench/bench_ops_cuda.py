@@ -99,7 +99,7 @@ def record(op, shape, dtype, native, reference, *, flops=None, bytes_=None, chec
     if flops is not None:
         rate = flops / (t_nat * 1e-3) / 1e9
         peak = PEAK["fp64_gflops" if dtype == torch.float64 else "fp32_gflops"]
-        row.update(rate=f"{rate:,.0f} GFLOP/s", pct_peak=100 * rate / peak)
+        row.update(rate=f"{rate:,.1f} GFLOP/s", pct_peak=100 * rate / peak)
     if bytes_ is not None:
         gbs = bytes_ / (t_nat * 1e-3) / 1e9
         row.update(gbs=gbs, pct_hbm=100 * gbs / PEAK["hbm_gbs"])
