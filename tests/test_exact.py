@@ -258,6 +258,11 @@ def test_exact_matches_oracle(case, form):
     _, cov3 = la.predictive_distribution(Xs)
     assert rel_err(cov3, oracle.predictive_cov(Xs, 3.0, sigma)) < REL
     la.prior_precision = delta
+    if likelihood == "regression":  # and σ (the data scale 1/σ²)
+        la.sigma_noise = 2 * sigma
+        _, cov_s = la.predictive_distribution(Xs)
+        assert rel_err(cov_s, oracle.predictive_cov(Xs, delta, 2 * sigma)) < REL
+        la.sigma_noise = sigma
 
     for d in (0.05, delta, 20.0):
         ref = oracle.marglik(d, sigma)
@@ -426,6 +431,29 @@ def test_gridsearch_picks_oracle_nll_minimiser():
     order = np.argsort(nll)
     assert nll[order[1]] - nll[order[0]] > 1e-6  # no tie: the choice is well defined
     assert 0 < order[0] < len(grid) - 1  # an interior minimum: the test is meaningful
+    assert delta == grid[order[0]]
+
+
+def test_gridsearch_regression_picks_oracle_nll_minimiser():
+    model = make_model("mlp", 2, seed=2)
+    X = make_inputs("mlp", "tensor", 40, seed=16)
+    with torch.no_grad():  # the model is "wrong" away from where it fits: NLL trades off δ
+        y = model(X) + 0.2 * torch.randn(40, 2, dtype=DT) + 0.5 * X[:, :1] ** 2
+    sigma = 0.3
+    la = ExactLLA(model, "regression", sigma_noise=sigma).fit(loader(X[:20], y[:20]))
+    grid = [float(d) for d in np.logspace(-3, 3, 13)]
+    delta = la.optimize_prior_precision("gridsearch", val_loader=loader(X[20:], y[20:]), grid=grid)
+    oracle = Oracle(model, "regression", X[:20], y[:20])
+    with torch.no_grad():
+        f = model(X[20:])
+    nll = []
+    for d in grid:
+        var = torch.diagonal(oracle.predictive_cov(X[20:], d, sigma), dim1=-2, dim2=-1) + sigma**2
+        nll.append(float(-torch.distributions.Normal(f, var.sqrt()).log_prob(y[20:]).sum()))
+    nll = np.array(nll)
+    order = np.argsort(nll)
+    assert nll[order[1]] - nll[order[0]] > 1e-6
+    assert 0 < order[0] < len(grid) - 1, nll
     assert delta == grid[order[0]]
 
 

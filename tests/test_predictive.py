@@ -120,13 +120,16 @@ def test_monte_carlo_seeded():
 
 def test_monte_carlo_first_draws_are_the_op_normals():
     """One draw is softmax(μ + L ε): ε must be standard normal across many (b, c) cells."""
-    B, C = 2000, 2
+    B, C = 20000, 2
     mean = torch.zeros(B, C, dtype=DT)
     cov = torch.eye(C, dtype=DT).expand(B, C, C).contiguous()
     p = monte_carlo(mean, cov, n_samples=1, seed=3)
     # For C = 2 with identity cov, logit difference ε₀ − ε₁ ~ N(0, 2): p₀ = sigmoid(ε₀ − ε₁).
     d = torch.logit(p[:, 0]).numpy() / math.sqrt(2)
     assert scipy.stats.kstest(d, "norm").pvalue > 1e-4
+    # Unit variance, to within 5 standard errors of the sample variance (√(2/n)).
+    assert abs(d.var() - 1) < 5 * math.sqrt(2 / B)
+    assert abs(d.mean()) < 5 / math.sqrt(B)
 
 
 # --------------------------------------------------------------------------- OOD scores
