@@ -19,6 +19,9 @@ from fastlla.projections import ProjectionSampler, stack_rows
 
 DT = torch.float64
 
+# torch's forward-mode AD scripts its JVP decompositions on first use (a torch-internal warning).
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 
 class MLP(nn.Module):
     def __init__(self, n_out=3):
