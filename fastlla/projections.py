@@ -5,6 +5,12 @@ JVPs give ``z_i^s = J(x_i) v_s``, and ``K̂ = (1/S) Σ_s z^s z^sᵀ`` is an unbi
 NTK Gram of the batch. No Jacobian is ever formed: the ``S`` JVPs cost about ``S`` forward
 passes, batched into one with ``vmap``. Tangents are regenerated from ``(seed, step)`` by the
 ``fastlla::random_tangents`` op, so they are never stored beyond the current step.
+
+``distribution="orthogonal"`` draws the ``S`` tangents as a random orthonormal frame scaled by
+``√P`` (still ``E[v vᵀ] = I``). For a quadratic estimator such as ``z zᵀ`` antithetic pairs
+``(v, −v)`` give identical terms and remove nothing; orthogonality across the ``S`` tangents only
+removes the cross-tangent part of the variance, a fraction of about ``S/P`` — measured in
+``bench/fidelity`` and kept as an option, not the default.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from torch import Tensor
 from . import _ops
 from .functional import NetworkFunction
 
-__all__ = ["ProjectionSampler", "stack_rows"]
+__all__ = ["ProjectionSampler", "stack_rows", "DISTRIBUTIONS"]
+
+#: Tangent distributions: the two of ``fastlla::random_tangents`` and a random orthogonal frame.
+DISTRIBUTIONS = (*_ops.DISTRIBUTIONS, "orthogonal")
 
 
 def stack_rows(z: Tensor) -> Tensor:
@@ -47,9 +56,9 @@ class ProjectionSampler:
     ):
         if n_projections < 1:
             raise ValueError(f"fastlla: n_projections must be at least 1, got {n_projections}")
-        if distribution not in _ops.DISTRIBUTIONS:
+        if distribution not in DISTRIBUTIONS:
             raise ValueError(
-                f"fastlla: distribution must be one of {_ops.DISTRIBUTIONS}, got {distribution!r}"
+                f"fastlla: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}"
             )
         self.network = network
         self.n_projections = int(n_projections)
@@ -58,12 +67,37 @@ class ProjectionSampler:
 
     def tangents(self, step: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
         """The ``S`` tangents of ``step``, per parameter: name → ``(S, *shape)``."""
-        flat = torch.empty(self.n_projections, self.network.n_params, device=device, dtype=dtype)
-        _ops.random_tangents(flat, self.seed, step, self.distribution)
+        S, P = self.n_projections, self.network.n_params
+        if self.distribution == "orthogonal":
+            flat = _orthogonal_tangents(S, P, self.seed, step, device, dtype)
+        else:
+            flat = torch.empty(S, P, device=device, dtype=dtype)
+            _ops.random_tangents(flat, self.seed, step, self.distribution)
         return self.network.unflatten(flat)
 
-    def project(self, x: Any, step: int) -> tuple[Tensor, Tensor]:
-        """Network output ``f(x)`` (B, C) and the JVPs ``J(x) v_s`` stacked as (S, B, C)."""
+    def project(
+        self, x: Any, step: int, tangents: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Network output ``f(x)`` (B, C) and the JVPs ``J(x) v_s`` stacked as (S, B, C).
+
+        ``tangents`` (from :meth:`tangents`) may be passed when the caller needs them too.
+        """
         p = next(iter(self.network.params().values()))
+        if tangents is None:
+            tangents = self.tangents(step, p.device, p.dtype)
         with torch.no_grad():
-            return self.network.jvp(x, self.tangents(step, p.device, p.dtype))
+            return self.network.jvp(x, tangents)
+
+
+def _orthogonal_tangents(
+    S: int, P: int, seed: int, step: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``S`` orthogonal tangents of norm ``√P`` (blocks of ``P`` when ``S > P``), seeded."""
+    g = torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
+    blocks = []
+    for a in range(0, S, P):
+        n = min(P, S - a)
+        q, r = torch.linalg.qr(torch.randn(P, n, generator=g, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # Haar: fix the signs of QR
+        blocks.append(q.mT * math.sqrt(P))
+    return torch.cat(blocks).to(device=device, dtype=dtype)

@@ -15,6 +15,7 @@ Prediction costs one network forward, one surrogate forward and ``O(M²C)`` per 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -37,7 +38,14 @@ from .laplace import LaplaceBase
 from .posterior import FeaturePosterior, compress_factor
 from .predictive import Likelihood
 from .projections import ProjectionSampler, stack_rows
-from .surrogate import Surrogate, check_surrogate_output, default_surrogate, surrogate_features
+from .surrogate import (
+    LastLayerSurrogate,
+    Surrogate,
+    check_surrogate_output,
+    default_surrogate,
+    last_layer_surrogate,
+    surrogate_features,
+)
 
 __all__ = ["ScaLLA"]
 
@@ -66,13 +74,24 @@ class ScaLLA(LaplaceBase):
         prior_precision: float = 1.0,
         sigma_noise: float = 1.0,
         seed: int = 0,
+        last_layer: bool | int = False,
+        residual_variance: bool | str = False,
     ):
         super().__init__(model, likelihood, prior_precision, sigma_noise)
+        if last_layer is not False and not isinstance(last_layer, (bool, int)):
+            raise TypeError(f"fastlla: last_layer must be a bool or an int rank, got {last_layer!r}")
+        self.last_layer = last_layer
+        if residual_variance not in (False, None, "jvp", "head"):
+            raise ValueError(
+                f"fastlla: residual_variance must be False, 'jvp' or 'head', got {residual_variance!r}"
+            )
+        self.residual_variance = residual_variance or False
         if surrogate is not None and not isinstance(surrogate, nn.Module):
             raise TypeError("fastlla: surrogate must be an nn.Module returning (B, M, C)")
         if int(n_features) < 1:
             raise ValueError(f"fastlla: n_features must be at least 1, got {n_features}")
         self.n_features = int(n_features)
+        self.n_learned = int(n_features)  # learned features; n_features becomes the total
         self.surrogate = surrogate.eval() if surrogate is not None else None
         self.seed = int(seed)
         self.posterior: FeaturePosterior | None = None
@@ -82,9 +101,15 @@ class ScaLLA(LaplaceBase):
     def _ensure_surrogate(self, n_outputs: int) -> nn.Module:
         if self.surrogate is None:
             torch.manual_seed(self.seed)
-            self.surrogate = default_surrogate(
-                self.model, self.n_features, n_outputs, self.network.n_params
-            )
+            if self.last_layer is False:
+                self.surrogate = default_surrogate(
+                    self.model, self.n_learned, n_outputs, self.network.n_params
+                )
+            else:
+                rank = None if self.last_layer is True else int(self.last_layer)
+                self.surrogate = last_layer_surrogate(
+                    self.model, self.n_learned, n_outputs, self.network.n_params, rank
+                )
         return self.surrogate
 
     def _surrogate_features(self, x: Any) -> Tensor:
@@ -101,6 +126,11 @@ class ScaLLA(LaplaceBase):
         lr: float = 1e-3,
         distribution: str = "rademacher",
         progress_bar: bool = True,
+        callback: Any = None,
+        callback_every: int = 100,
+        schedule: str = "cosine",
+        ema: float | None = None,
+        augment: Any = None,
     ) -> ScaLLA:
         """Train the surrogate kernel on JVPs, then form the feature-space posterior.
 
@@ -113,8 +143,17 @@ class ScaLLA(LaplaceBase):
         iterations : kernel-matching steps (0 keeps the surrogate as it is).
         n_projections : ``S``, random tangents per step.
         lr : initial Adam learning rate, decayed to zero by a cosine schedule.
-        distribution : ``"rademacher"`` or ``"gaussian"`` tangents.
+        distribution : ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"`` tangents.
         progress_bar : show a tqdm bar.
+        callback : optional ``callback(step, la)``, called every ``callback_every`` steps and
+            after the last (e.g. :class:`fastlla.fidelity.FidelityCurve`); its time is excluded
+            from the ``seconds`` recorded in ``history``.
+        callback_every : steps between callback calls.
+        schedule : ``"cosine"`` (decay to zero over ``iterations``) or ``"constant"``.
+        ema : optional decay of an exponential moving average of the surrogate's weights
+            (e.g. 0.99), used in place of the final weights.
+        augment : optional ``augment(x, step) -> x'`` applied to the kernel-matching inputs
+            only (JVP targets need no labels; the posterior still uses ``train_loader``).
         """
         if int(iterations) < 0:
             raise ValueError(f"fastlla: iterations must be non-negative, got {iterations}")
@@ -127,6 +166,15 @@ class ScaLLA(LaplaceBase):
         surrogate.to(device=self.device)
         with torch.no_grad():
             self.n_features = self._surrogate_features(x0).shape[1]
+        if isinstance(surrogate, LastLayerSurrogate):
+            surrogate.fit_basis(x for x, _ in self._batches(train_loader))
+        self._train_config = {
+            "n_projections": int(n_projections), "schedule": schedule, "ema": ema,
+            "callback": callback, "callback_every": max(int(callback_every), 1),
+            "augment": augment,
+        }  # fmt: skip
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"fastlla: schedule must be 'cosine' or 'constant', got {schedule!r}")
         settings = dict(iterations=int(iterations), n_projections=n_projections, lr=lr)
         settings.update(distribution=distribution)
         distributed.check_fit_start(self, train_loader, context_loader, x0, settings)
@@ -148,7 +196,10 @@ class ScaLLA(LaplaceBase):
         distribution: str,
         progress_bar: bool,
     ) -> None:
-        surrogate = self.surrogate
+        cfg = getattr(self, "_train_config", {})
+        exact_block = self.surrogate if isinstance(self.surrogate, LastLayerSurrogate) else None
+        # With the exact last-layer block only the learned features train, on the residual target.
+        surrogate = exact_block.learned if exact_block is not None else self.surrogate
         params = [p for p in surrogate.parameters() if p.requires_grad]
         if not params:
             raise ValueError("fastlla: the surrogate has no trainable parameters to fit")
@@ -156,9 +207,14 @@ class ScaLLA(LaplaceBase):
             self.network, n_projections, distribution, distributed.rank_seed(self.seed)
         )
         optimizer = torch.optim.Adam(params, lr=lr)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, iterations) / iterations))
-        )
+        if cfg.get("schedule", "cosine") == "cosine":
+            decay = lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, iterations) / iterations))  # noqa: E731
+        else:
+            decay = lambda t: 1.0  # noqa: E731
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+        ema_decay = cfg.get("ema")
+        averaged = [p.detach().clone() for p in params] if ema_decay else None
+        callback, every = cfg.get("callback"), cfg.get("callback_every", 100)
         train_loader = distributed.shard(train_loader)  # this rank's share (torch.distributed)
         context_loader = distributed.shard(context_loader)
         train_batches = _cycle(lambda: (x for x, _ in self._batches(train_loader)))
@@ -166,21 +222,27 @@ class ScaLLA(LaplaceBase):
         if context_loader is not None:
             context_batches = _cycle(lambda: self._context_inputs(context_loader))
         self.history = []
-        start = time.perf_counter()
+        start, paused = time.perf_counter(), 0.0
+        p0 = next(iter(self.network.params().values()))
         for step in tqdm(range(iterations), disable=not progress_bar, desc="ScaLLA kernel"):
             x = next(train_batches)
+            if cfg.get("augment") is not None:
+                x = cfg["augment"](x, step)
             n_train = batch_size(x)
             if context_batches is not None:
                 x = concat_batches(x, next(context_batches))
-            _, z = sampler.project(x, step)
+            tangents = sampler.tangents(step, p0.device, p0.dtype)
+            _, z = sampler.project(x, step, tangents)
+            if exact_block is not None:
+                z = z - exact_block.head_jvp(tangents, exact_block.psi(x), self.network.names)
             if not torch.isfinite(z).all():
                 raise ValueError("fastlla: the network's JVPs contain NaN or Inf")
             target = stack_rows(z)
-            phi = self._surrogate_features(x)
+            phi = check_surrogate_output(surrogate_features(surrogate, x), x, self.n_outputs)
             rows = phi.permute(0, 2, 1).reshape(-1, phi.shape[1])
             if step == 0:
-                self._calibrate_scale(rows.detach(), target)
-                phi = self._surrogate_features(x)
+                self._calibrate_scale(rows.detach(), target, surrogate)
+                phi = surrogate_features(surrogate, x)
                 rows = phi.permute(0, 2, 1).reshape(-1, phi.shape[1])
             loss = _ops.kernel_matching_loss(rows, target, n_train * self.n_outputs)
             optimizer.zero_grad(set_to_none=True)
@@ -188,13 +250,29 @@ class ScaLLA(LaplaceBase):
             distributed.average_gradients(params)
             optimizer.step()
             schedule.step()
+            if averaged is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(averaged, [p.detach() for p in params], 1.0 - ema_decay)
             self.history.append(
-                {"step": step, "loss": float(loss.detach()), "seconds": time.perf_counter() - start}
+                {
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "seconds": time.perf_counter() - start - paused,
+                }
             )
+            if callback is not None and ((step + 1) % every == 0 or step + 1 == iterations):
+                t0 = time.perf_counter()
+                with _swapped(params, averaged):
+                    callback(step + 1, self)
+                paused += time.perf_counter() - t0
+        if averaged is not None:
+            with torch.no_grad():
+                for p, a in zip(params, averaged):
+                    p.copy_(a)
 
-    def _calibrate_scale(self, rows: Tensor, target: Tensor) -> None:
+    def _calibrate_scale(self, rows: Tensor, target: Tensor, surrogate: nn.Module) -> None:
         """Match the surrogate kernel's trace to the target's on the first batch."""
-        scale = getattr(self.surrogate, "output_scale", None)
+        scale = getattr(surrogate, "output_scale", None)
         if not isinstance(scale, Tensor):
             return
         num, den = distributed.sum_over_ranks(target.square().sum(), rows.square().sum())
@@ -364,6 +442,8 @@ class ScaLLA(LaplaceBase):
         state = self._base_state()
         state.update(
             n_features=self.n_features,
+            n_learned=self.n_learned,
+            last_layer=self.last_layer,
             seed=self.seed,
             surrogate=self.surrogate.state_dict(),
             H=self.posterior.H,
@@ -374,12 +454,32 @@ class ScaLLA(LaplaceBase):
         """Restore a fitted estimator; the model must be the one it was fitted on."""
         self._load_base_state(state)
         self.n_features = state["n_features"]
+        self.n_learned = state.get("n_learned", self.n_features)
+        self.last_layer = state.get("last_layer", self.last_layer)
         self.seed = state["seed"]
         if self.surrogate is None:
             self._ensure_surrogate(self.n_outputs)
         self.surrogate.load_state_dict(state["surrogate"])
         self.posterior = FeaturePosterior(state["H"].to(self.device, self.dtype))
         self._fitted = True
+
+
+@contextlib.contextmanager
+def _swapped(params: list[Tensor], averaged: list[Tensor] | None) -> Iterator[None]:
+    """Temporarily load the averaged weights into ``params`` (no-op without averaging)."""
+    if averaged is None:
+        yield
+        return
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, a in zip(params, averaged):
+            p.copy_(a)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
 
 
 def _cycle(make: Any) -> Iterator[Any]:

@@ -25,7 +25,14 @@ from torch import Tensor, nn
 
 from .functional import batch_size, call_module
 
-__all__ = ["Surrogate", "default_surrogate", "check_surrogate_output", "last_linear"]
+__all__ = [
+    "Surrogate",
+    "LastLayerSurrogate",
+    "default_surrogate",
+    "last_layer_surrogate",
+    "check_surrogate_output",
+    "last_linear",
+]
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
@@ -56,6 +63,112 @@ class Surrogate(nn.Module):
         return out.view(h.shape[0], self.n_features, self.n_outputs)
 
 
+class LastLayerSurrogate(nn.Module):
+    """Learned features beside the *exact* Jacobian block of the network's last linear layer.
+
+    For ``f(x) = W φ(x) + b`` the parameters ``(W, b)`` contribute exactly
+    ``κ_last(x, x') = (ψ(x)ᵀψ(x')) I_C`` to the NTK, ``ψ = [φ; 1]`` (``h + 1`` values), so the
+    features ``ψ(x) ⊗ I_C`` reproduce that block with no error and no training. With a
+    ``rank`` ``k < h + 1`` only ``ψ``'s top-``k`` principal directions ``U`` (from the training
+    inputs, :meth:`fit_basis`) are kept, ``(Uᵀψ) ⊗ I_C``; the dropped part
+    ``((I − UUᵀ)ψ)ᵀ(...)`` joins the learned features' target.
+
+    Output ``(B, M + k·C, C)``: first the ``M`` learned features (``learned``, any
+    :class:`Surrogate`), then the ``k·C`` exact ones. During training only ``learned`` runs, on
+    the residual target ``z − V UUᵀψ(x)`` (``V`` the tangent's head components), which is the
+    JVP of the rest of the network plus the dropped head directions — no head noise.
+
+    Parameters
+    ----------
+    learned : the learned-feature surrogate.
+    model : the pre-trained network (read, never trained; not a submodule, so it is not saved).
+    head_name : qualified name of its last ``nn.Linear``.
+    rank : ``k``; ``None`` keeps all ``h + 1`` directions.
+    """
+
+    def __init__(self, learned: nn.Module, model: nn.Module, head_name: str, rank: int | None = None):
+        super().__init__()
+        head = model.get_submodule(head_name)
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"fastlla: {head_name!r} is not an nn.Linear")
+        self.learned = learned
+        self._model = (model,)  # a tuple hides it from parameters() and state_dict()
+        self.head_name = head_name
+        self.has_bias = head.bias is not None
+        width = head.in_features + int(self.has_bias)
+        k = width if rank is None else int(rank)
+        if not 1 <= k <= width:
+            raise ValueError(f"fastlla: last-layer rank must be in [1, {width}], got {rank}")
+        w = head.weight
+        self.register_buffer("basis", torch.eye(width, dtype=w.dtype, device=w.device)[:, :k])
+        self.n_learned = int(getattr(learned, "n_features", 0))
+        self.n_outputs = head.out_features
+        self.rank = k
+
+    @property
+    def n_exact(self) -> int:
+        return self.rank * self.n_outputs
+
+    @property
+    def full_rank(self) -> bool:
+        return self.rank == self.basis.shape[0]
+
+    def psi(self, x: Any) -> Tensor:
+        """``ψ(x) = [φ(x); 1]`` (B, h+1) of the network itself (no gradient)."""
+        model = self._model[0]
+        captured: list[Tensor] = []
+        handle = model.get_submodule(self.head_name).register_forward_pre_hook(
+            lambda mod, args: captured.append(args[0])
+        )
+        try:
+            with torch.no_grad():
+                call_module(model, x)
+        finally:
+            handle.remove()
+        phi = captured[-1].reshape(captured[-1].shape[0], -1)
+        if self.has_bias:
+            phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], dim=1)
+        return phi.to(self.basis.dtype)
+
+    def exact_features(self, x: Any, psi: Tensor | None = None) -> Tensor:
+        """``(Uᵀψ(x)) ⊗ I_C`` as (B, k·C, C)."""
+        a = (self.psi(x) if psi is None else psi) @ self.basis  # (B, k)
+        eye = torch.eye(self.n_outputs, dtype=a.dtype, device=a.device)
+        B = a.shape[0]
+        return (a[:, :, None, None] * eye).reshape(B, self.rank * self.n_outputs, self.n_outputs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        x = args[0] if len(args) == 1 and not kwargs else (kwargs if kwargs else args)
+        learned = self.learned(*args, **kwargs)
+        return torch.cat([learned, self.exact_features(x).to(learned.dtype)], dim=1)
+
+    @torch.no_grad()
+    def fit_basis(self, batches: Any) -> None:
+        """Top-``k`` principal directions of ``ψ`` over the training inputs (identity if full)."""
+        if self.full_rank:
+            return
+        gram = None
+        for x in batches:
+            p = self.psi(x).double()
+            gram = p.mT @ p if gram is None else gram + p.mT @ p
+        _, vecs = torch.linalg.eigh(gram)
+        self.basis.copy_(vecs.flip(1)[:, : self.rank].to(self.basis.dtype))
+
+    def head_jvp(self, tangents: dict[str, Tensor], psi: Tensor, network_names: Any) -> Tensor:
+        """``V UUᵀψ`` (S, B, C): the part of the JVPs the exact block already carries."""
+        w = tangents[f"{self.head_name}.weight"]  # (S, C, h)
+        if self.has_bias:
+            w = torch.cat([w, tangents[f"{self.head_name}.bias"].unsqueeze(-1)], dim=-1)
+        kept = (psi @ self.basis) @ self.basis.mT if not self.full_rank else psi
+        return torch.einsum("sch,bh->sbc", w, kept.to(w.dtype))
+
+    def residual_diagonal(self, psi: Tensor) -> Tensor:
+        """``‖(I − UUᵀ)ψ‖²`` (B,): the dropped last-layer prior variance per output."""
+        if self.full_rank:
+            return psi.new_zeros(psi.shape[0])
+        return (psi - (psi @ self.basis) @ self.basis.mT).square().sum(-1)
+
+
 def default_surrogate(model: nn.Module, n_features: int, n_outputs: int, n_params: int) -> Surrogate:
     """The trunk of ``model`` (copied, trainable) plus a head to ``n_features × n_outputs``."""
     if n_features < 1:
@@ -76,6 +189,22 @@ def default_surrogate(model: nn.Module, n_features: int, n_outputs: int, n_param
     surrogate = surrogate.to(device=p0.device, dtype=p0.dtype).eval()
     surrogate.output_scale.fill_(math.sqrt(n_params / n_features))
     return surrogate
+
+
+def last_layer_surrogate(
+    model: nn.Module, n_features: int, n_outputs: int, n_params: int, rank: int | None = None
+) -> LastLayerSurrogate:
+    """:func:`default_surrogate` for the learned features plus the exact last-layer block."""
+    name, linear = last_linear(model)
+    trainable = linear.weight.requires_grad and (linear.bias is None or linear.bias.requires_grad)
+    if not trainable:
+        raise ValueError(
+            "fastlla: the exact last-layer block needs the last nn.Linear's parameters to be "
+            "trainable (requires_grad); pass last_layer=False"
+        )
+    learned = default_surrogate(model, n_features, n_outputs, n_params)
+    out = LastLayerSurrogate(learned, model, name, rank)
+    return out.to(device=linear.weight.device, dtype=linear.weight.dtype).eval()
 
 
 def check_surrogate_output(out: Any, x: Any, n_outputs: int, n_features: int | None = None) -> Tensor:
