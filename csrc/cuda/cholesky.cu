@@ -8,6 +8,7 @@
 //
 //   owner of row j:  for q: r = √(L_jj² ± w_qj²), c_q = r / L_jj, s_q = w_qj / L_jj, L_jj = r
 //   every row i > j: for q: L_ij = (L_ij ± s_q w_qi) / c_q,  w_qi = c_q w_qi − s_q L_ij
+//   (the division as a product with 1/c_q = L_jj / r, computed once by the owner)
 //
 // The kernel works on U = Lᵀ (row j of U = column j of L, so the row updates are coalesced) and
 // on Wᵀ (k, M); thread t owns rows i ≡ t (mod blockDim), so w_qi and L_jj are only ever touched
@@ -25,16 +26,16 @@ namespace fastlla {
 namespace gpu {
 namespace {
 
-constexpr int64_t kMaxChunk = 1024;  // rotations per launch: 4·k values of shared memory
+constexpr int64_t kMaxChunk = 512;  // rotations per launch: 6·k values of shared memory
 
 template <typename T>
 __global__ void __launch_bounds__(1024)
     cholesky_update_kernel(T* U, T* wt, int64_t M, int64_t k, bool downdate, int* flag) {
   extern __shared__ unsigned char smem_raw[];
-  T* cs = reinterpret_cast<T*>(smem_raw);  // [2][2k]: c_q at [b][q], s_q at [b][k + q]
+  T* cs = reinterpret_cast<T*>(smem_raw);  // [2][3k]: c_q, s_q, 1/c_q (k each) per buffer
   const int64_t tid = threadIdx.x, nt = blockDim.x;
   for (int64_t j = 0; j < M; ++j) {
-    T* buf = cs + (j & 1) * 2 * k;
+    T* buf = cs + (j & 1) * 3 * k;
     T* Uj = U + j * M;
     if (j % nt == tid) {
       T d = Uj[j];
@@ -46,6 +47,7 @@ __global__ void __launch_bounds__(1024)
         const T r = sqrt(r2);
         buf[q] = r / d;
         buf[k + q] = w / d;
+        buf[2 * k + q] = d / r;
         d = r;
       }
       Uj[j] = d;
@@ -58,9 +60,9 @@ __global__ void __launch_bounds__(1024)
     for (; i < M; i += nt) {
       T l = Uj[i];
       for (int64_t q = 0; q < k; ++q) {
-        const T c = buf[q], s = buf[k + q];
+        const T c = buf[q], s = buf[k + q], c_inv = buf[2 * k + q];
         const T w = wt[q * M + i];
-        l = downdate ? (l - s * w) / c : (l + s * w) / c;
+        l = (downdate ? l - s * w : l + s * w) * c_inv;
         wt[q * M + i] = c * w - s * l;
       }
       Uj[i] = l;
@@ -80,7 +82,7 @@ void cholesky_update(scalar_t* U, scalar_t* wt, int64_t M, int64_t k, bool downd
   if (threads > 1024) threads = 1024;
   for (int64_t q0 = 0; q0 < k; q0 += kMaxChunk) {
     const int64_t kc = k - q0 < kMaxChunk ? k - q0 : kMaxChunk;
-    const size_t smem = static_cast<size_t>(4 * kc) * sizeof(scalar_t);  // ≤ 32 KB
+    const size_t smem = static_cast<size_t>(6 * kc) * sizeof(scalar_t);  // ≤ 24 KB
     cholesky_update_kernel<scalar_t><<<1, static_cast<unsigned>(threads), smem, stream>>>(
         U, wt + q0 * M, M, kc, downdate, flag);
   }
