@@ -1,7 +1,8 @@
 """Deployment: a fitted ScaLLA as a plain, self-contained ``nn.Module``.
 
 :class:`Predictor` holds the network, the surrogate and the lower Cholesky factor ``L`` of the
-posterior precision ``A = s·H + δI`` (a buffer), and its ``forward`` computes, with torch ops only,
+posterior precision ``A = s·H + δI`` (a buffer), and its ``forward`` computes, with torch ops
+only,
 
 * ``mean = f(x)`` (the network's own output) and ``cov = g(x)ᵀ A⁻¹ g(x)`` (``(B, C, C)``,
   ``+ σ²I`` for regression with ``include_noise``) — ``output="gaussian"``;

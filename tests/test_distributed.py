@@ -195,7 +195,8 @@ def test_two_process_posterior_equals_one_process(ranks, likelihood):
     for res in ranks:  # every rank holds the full-data posterior
         assert_same_posterior(res[f"posterior/{likelihood}"], want)
     # and the ranks agree bit for bit
-    assert torch.equal(ranks[0][f"posterior/{likelihood}"]["H"], ranks[1][f"posterior/{likelihood}"]["H"])
+    key = f"posterior/{likelihood}"
+    assert torch.equal(ranks[0][key]["H"], ranks[1][key]["H"])
 
 
 def test_distributed_sampler_counts_every_point_once(ranks):

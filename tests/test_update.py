@@ -132,7 +132,8 @@ def test_update_without_cached_factor_and_after_load():
     assert rel(la.predictive_distribution(X[:4])[1], ref.predictive_distribution(X[:4])[1]) < 1e-12
     # a saved posterior keeps absorbing data
     other = fastlla.ScaLLA(model, "classification", n_features=M)
-    other.load_state_dict(fitted("classification", model, X[:30], y[:30], la.surrogate).state_dict())
+    saved = fitted("classification", model, X[:30], y[:30], la.surrogate).state_dict()
+    other.load_state_dict(saved)
     other.update(loader(X[30:], y[30:]))
     assert rel(other.posterior.H, ref.posterior.H) < 1e-12
 
