@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine (H100/H200): build fastlla with its CUDA kernels,
-# run the CUDA tests, compute-sanitizer (memcheck, racecheck) over every CUDA op, and the GPU
-# benchmark. Every log and result lands in $OUT (default ./gpu_check_out); a failing stage does
+# run the CUDA tests, the GPU benchmark, and compute-sanitizer (memcheck, racecheck) over every
+# CUDA op. Every log and result lands in $OUT (default ./gpu_check_out); a failing stage does
 # not stop the later ones; each stage has a timeout and the whole run a budget (GPU_CHECK_BUDGET
-# seconds, default 390), so it ends in about 6 minutes at worst.
+# seconds, default 360), so it ends in about 6 minutes at worst.
 #
 #     bash scripts/gpu_check.sh          # from the repository root
 #
@@ -14,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
 OUT="${OUT:-$ROOT/gpu_check_out}"
 mkdir -p "$OUT"
-BUDGET="${GPU_CHECK_BUDGET:-390}"
+BUDGET="${GPU_CHECK_BUDGET:-360}"
 START=$SECONDS
 export PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.txt"
@@ -103,8 +103,14 @@ run_stage "pytest tests/test_ops.py -k cuda" 150 "$OUT/pytest.log" \
   "$PY" -m pytest -q -rfE --no-header -p no:cacheprovider tests/test_ops.py -k cuda
 tail -n 3 "$OUT/pytest.log" >>"$SUMMARY"
 
-# ---------------------------------------------------------------------------- 3. sanitizer
+# ---------------------------------------------------------------------------- 3. smoke + bench
 run_stage "cuda_sanitize.py (plain)" 60 "$OUT/sanitize.log" "$PY" scripts/cuda_sanitize.py
+run_stage "bench/bench_ops_cuda.py" 90 "$OUT/bench.log" \
+  "$PY" bench/bench_ops_cuda.py --json "$OUT/bench_cuda.json"
+sed -n '/^| op/,$p' "$OUT/bench.log" >>"$SUMMARY"
+
+# ---------------------------------------------------------------------------- 4. sanitizer
+# Last: the slowest stages, the first the budget cuts.
 if [[ -n "$SANITIZER" ]]; then
   # No caching allocator under the sanitizer: every tensor its own cudaMalloc, so an access
   # past the end of a tensor is out of bounds for memcheck rather than inside a cached block.
@@ -118,11 +124,6 @@ if [[ -n "$SANITIZER" ]]; then
 else
   say "SKIP  compute-sanitizer (not found)"
 fi
-
-# ---------------------------------------------------------------------------- 4. benchmark
-run_stage "bench/bench_ops_cuda.py" 100 "$OUT/bench.log" \
-  "$PY" bench/bench_ops_cuda.py --json "$OUT/bench_cuda.json"
-sed -n '/^| op/,$p' "$OUT/bench.log" >>"$SUMMARY"
 
 say "total $((SECONDS - START)) s"
 echo "----- summary ($SUMMARY)"
