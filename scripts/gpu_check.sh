@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine (H100/H200): build fastlla with its CUDA kernels,
 # run the CUDA tests, the GPU benchmark, and compute-sanitizer (memcheck, racecheck) over every
-# CUDA op. Every log and result lands in $OUT (default /tmp/fastlla_gpu_check); a failing stage does
-# not stop the later ones; each stage has a timeout and the whole run a budget (GPU_CHECK_BUDGET
-# seconds, default 360), so it ends in about 6 minutes at worst.
+# CUDA op. Every log and result lands in $OUT (default /tmp/fastlla_gpu_check); a failing stage
+# does not stop the later ones; each stage has a timeout and the whole run a budget
+# (GPU_CHECK_BUDGET seconds, default 360), so it ends in about 6 minutes at worst.
 #
 #     bash scripts/gpu_check.sh          # from the repository root
 #
