@@ -2,11 +2,25 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 
 namespace fastlla {
 namespace cpu {
+
+// at::parallel_for whose workers see the caller's thread-local state (dispatch keys, grad
+// mode): ATen calls made from the workers (BLAS products on slices) must not re-enter autograd
+// when an input requires grad.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard guard(state);
+    f(b, e);
+  });
+}
 
 // Number of column tiles used for a symmetric product of width k: tiles of about `tile`
 // columns. ATen has no syrk, so XᵀX is formed from the t(t+1)/2 lower tiles with GEMMs

@@ -74,7 +74,7 @@ void ggn_accumulate_cpu(at::Tensor& h, const at::Tensor& phi,
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "ggn_accumulate_cpu", [&] {
     const scalar_t* phi_p = f.data_ptr<scalar_t>();
     const scalar_t* logits_p = lg.defined() ? lg.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    cpu::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       at::Tensor t = at::empty({per_chunk * C, M}, h.options());
       at::Tensor part = at::empty({M, M}, h.options());
       std::vector<double> sqrt_p(C);

@@ -39,7 +39,7 @@ at::Tensor predictive_cpu(const at::Tensor& L, const at::Tensor& phi, bool diago
   AT_DISPATCH_FLOATING_TYPES(phi.scalar_type(), "predictive_cpu", [&] {
     const scalar_t* phi_p = f.data_ptr<scalar_t>();
     scalar_t* out_p = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    cpu::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       at::Tensor xt = at::empty({per_chunk * C, M}, phi.options());
       at::Tensor vt = at::empty({per_chunk * C, M}, phi.options());
       scalar_t* x = xt.data_ptr<scalar_t>();
