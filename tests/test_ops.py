@@ -464,3 +464,24 @@ def test_device_mismatch(name):
     for fn in (getattr(F, name), ops._REFERENCE_KERNELS[name]):
         with pytest.raises(RuntimeError, match=re.escape("must be on the device of")):
             fn(*args)
+
+
+def test_inputs_that_require_grad(device):
+    """Ops without a derivative accept inputs that require grad (e.g. features from a network)."""
+    kw = dict(dtype=torch.float64, device=device)
+    phi = make(600, 6, 3, **kw).requires_grad_()
+    L = random_factor(6, torch.float64, device)
+    h = torch.zeros(6, 6, **kw)
+    with torch.no_grad():
+        expected = explicit_ggn(phi, None)
+    ops.ggn_accumulate(h, phi.detach(), None)
+    torch.testing.assert_close(h, expected)
+    with torch.no_grad():
+        cov = ops.predictive_covariance(L, phi)
+    torch.testing.assert_close(cov, reference.predictive_covariance(L, phi.detach()))
+    # The loss's forward pass runs its row blocks in parallel under autograd.
+    phi2 = make(3000, 4, **kw).requires_grad_()
+    z = make(3000, 2, seed=1, **kw)
+    ops.kernel_matching_loss(phi2, z, 1000).backward()
+    grad = reference.kernel_matching_loss_backward(torch.tensor(1.0, **kw), phi2.detach(), z, 1000)
+    torch.testing.assert_close(phi2.grad, grad[0])

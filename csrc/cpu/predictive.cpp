@@ -38,10 +38,10 @@ at::Tensor predictive_cpu(const at::Tensor& L, const at::Tensor& phi, bool diago
 
   AT_DISPATCH_FLOATING_TYPES(phi.scalar_type(), "predictive_cpu", [&] {
     const scalar_t* phi_p = f.data_ptr<scalar_t>();
-    scalar_t* out_p = out.data_ptr<scalar_t>();
     cpu::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       at::Tensor xt = at::empty({per_chunk * C, M}, phi.options());
       at::Tensor vt = at::empty({per_chunk * C, M}, phi.options());
+      at::Tensor sq = diagonal ? at::empty({per_chunk * C, M}, phi.options()) : at::Tensor();
       scalar_t* x = xt.data_ptr<scalar_t>();
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         const int64_t b0 = chunk * per_chunk, nb = std::min(per_chunk, B - b0);
@@ -59,12 +59,11 @@ at::Tensor predictive_cpu(const at::Tensor& L, const at::Tensor& phi, bool diago
           at::mm_out(vj, xr.narrow(1, 0, j1), inv_t.narrow(0, 0, j1).narrow(1, j0, j1 - j0));
         }
         if (diagonal) {
-          const scalar_t* v = vt.data_ptr<scalar_t>();
-          for (int64_t r = 0; r < rows; ++r) {
-            scalar_t acc = 0;
-            for (int64_t m = 0; m < M; ++m) acc += v[r * M + m] * v[r * M + m];
-            out_p[b0 * C + r] = acc;
-          }
+          // Row sums of V∘V with ATen's vectorised kernels (single-threaded inside this worker).
+          at::Tensor o = out.view({B * C}).narrow(0, b0 * C, rows);
+          at::Tensor sr = sq.narrow(0, 0, rows);
+          at::mul_out(sr, vr, vr);
+          at::sum_out(o, sr, {1});
         } else {
           at::Tensor v3 = vr.view({nb, C, M});
           at::Tensor o = out.narrow(0, b0, nb);
