@@ -24,6 +24,7 @@ WORLD = 2
 DTYPE = torch.float64
 N, D, C, M = 48, 4, 3, 6
 TRAIN_STEPS, BATCH = 60, 8
+TIMEOUT = 300  # seconds; generous for a loaded CI machine (a dead peer is detected at once)
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -68,8 +69,9 @@ def fit_kernel(la: fastlla.ScaLLA, loader) -> fastlla.ScaLLA:
 def _worker(rank: int, store_path: str, out_dir: str) -> None:
     store = dist.FileStore(store_path, WORLD)
     dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )
+        "gloo", store=store, rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=TIMEOUT),
+    )  # fmt: skip
     torch.set_num_threads(1)
     results: dict = {}
     x_test = torch.randn(5, D, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
