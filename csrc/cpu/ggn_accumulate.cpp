@@ -27,7 +27,7 @@ namespace fastlla {
 namespace {
 
 constexpr int64_t kChunkRows = 2048;  // rows of T (= inputs × C) per chunk
-constexpr int64_t kTile = 64;         // column tile of the symmetric product
+constexpr int64_t kTile = 64;  // column tile of the symmetric product
 
 // Rows [0, n·C) of t (row-major, ld = M) from inputs [n0, n0 + n).
 template <typename scalar_t>
