@@ -40,6 +40,7 @@ from .predictive import Likelihood
 from .projections import ProjectionSampler, stack_rows
 from .surrogate import (
     LastLayerSurrogate,
+    ResidualHead,
     Surrogate,
     check_surrogate_output,
     default_surrogate,
@@ -86,6 +87,7 @@ class ScaLLA(LaplaceBase):
                 f"fastlla: residual_variance must be False, 'jvp' or 'head', got {residual_variance!r}"
             )
         self.residual_variance = residual_variance or False
+        self.residual_head: ResidualHead | None = None
         if surrogate is not None and not isinstance(surrogate, nn.Module):
             raise TypeError("fastlla: surrogate must be an nn.Module returning (B, M, C)")
         if int(n_features) < 1:
@@ -215,6 +217,12 @@ class ScaLLA(LaplaceBase):
         ema_decay = cfg.get("ema")
         averaged = [p.detach().clone() for p in params] if ema_decay else None
         callback, every = cfg.get("callback"), cfg.get("callback_every", 100)
+        rhead, r_opt, r_sched = None, None, None
+        if self.residual_variance == "head":
+            torch.manual_seed(self.seed + 1)
+            rhead = self.residual_head = ResidualHead(self.model, self.n_outputs)
+            r_opt = torch.optim.Adam(rhead.parameters(), lr=lr)
+            r_sched = torch.optim.lr_scheduler.LambdaLR(r_opt, decay)
         train_loader = distributed.shard(train_loader)  # this rank's share (torch.distributed)
         context_loader = distributed.shard(context_loader)
         train_batches = _cycle(lambda: (x for x, _ in self._batches(train_loader)))
@@ -250,6 +258,9 @@ class ScaLLA(LaplaceBase):
             distributed.average_gradients(params)
             optimizer.step()
             schedule.step()
+            if rhead is not None:
+                self._residual_head_step(rhead, r_opt, x, z, phi.detach(), step == 0)
+                r_sched.step()
             if averaged is not None:
                 with torch.no_grad():
                     torch._foreach_lerp_(averaged, [p.detach() for p in params], 1.0 - ema_decay)
@@ -269,6 +280,62 @@ class ScaLLA(LaplaceBase):
             with torch.no_grad():
                 for p, a in zip(params, averaged):
                     p.copy_(a)
+
+    def _residual_head_step(
+        self, rhead: ResidualHead, opt: Any, x: Any, z: Tensor, phi: Tensor, first: bool
+    ) -> None:
+        """One step of the residual head on ``(1/S) Σ_s z_s z_sᵀ − g gᵀ`` per input."""
+        with torch.no_grad():
+            kappa = torch.einsum("sbc,sbd->bcd", z, z) / z.shape[0]
+            target = kappa - phi.mT @ phi
+        R = rhead(x)
+        if first:  # start at a tenth of the kernel's diagonal (the residual's scale is unknown)
+            with torch.no_grad():
+                ratio = 0.1 * torch.diagonal(kappa, dim1=1, dim2=2).sum().clamp_min(1e-30) / (
+                    R.square().sum().clamp_min(1e-30)
+                )
+                rhead.output_scale.mul_(ratio.sqrt())
+            R = rhead(x)
+        loss = (R @ R.mT - target).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(list(rhead.parameters()))
+        opt.step()
+
+    def _residual_block(self, x: Any, phi: Tensor, mode: str, n_projections: int = 64) -> Tensor:
+        """``κ(x, x) − g(x)ᵀg(x)`` (B, C, C), made positive semi-definite.
+
+        ``"head"`` reads the learned :class:`~fastlla.surrogate.ResidualHead`; ``"jvp"``
+        estimates ``κ(x, x)`` from ``n_projections`` Rademacher JVPs (unbiased; in chunks of 16).
+        With the exact last-layer block only the learned part's residual remains.
+        """
+        exact_block = self.surrogate if isinstance(self.surrogate, LastLayerSurrogate) else None
+        if mode == "head":
+            if self.residual_head is None:
+                raise RuntimeError(
+                    "fastlla: residual_variance='head' needs a fit with that option "
+                    "(the head is trained beside the surrogate)"
+                )
+            R = self.residual_head(x)
+            return R @ R.mT
+        if mode != "jvp":
+            raise ValueError(f"fastlla: residual_variance must be False, 'jvp' or 'head', got {mode!r}")
+        g = phi[:, : exact_block.n_learned] if exact_block is not None else phi
+        p0 = next(iter(self.network.params().values()))
+        psi = exact_block.psi(x) if exact_block is not None else None
+        kappa, done = 0.0, 0
+        while done < n_projections:
+            n = min(16, n_projections - done)
+            sampler = ProjectionSampler(self.network, n, "rademacher", self.seed + 7919 + done)
+            tangents = sampler.tangents(0, p0.device, p0.dtype)
+            _, z = sampler.project(x, 0, tangents)
+            if exact_block is not None:
+                z = z - exact_block.head_jvp(tangents, psi, self.network.names)
+            kappa = kappa + torch.einsum("sbc,sbd->bcd", z, z)
+            done += n
+        r = kappa / n_projections - g.mT @ g
+        evals, evecs = torch.linalg.eigh(0.5 * (r + r.mT))
+        return (evecs * evals.clamp_min(0.0).unsqueeze(-2)) @ evecs.mT
 
     def _calibrate_scale(self, rows: Tensor, target: Tensor, surrogate: nn.Module) -> None:
         """Match the surrogate kernel's trace to the target's on the first batch."""
@@ -381,13 +448,22 @@ class ScaLLA(LaplaceBase):
     def _eigvals(self) -> Tensor:
         return self.posterior.eigvals
 
-    def _features(self, x: Any) -> Tensor:
+    def _features(self, x: Any) -> Tensor | tuple[Tensor, Tensor]:
+        """``g(x)`` (B, M, C); with ``residual_variance`` also the residual block (B, C, C)."""
         with torch.no_grad():
-            return self._surrogate_features(x)
+            phi = self._surrogate_features(x)
+            if not self.residual_variance:
+                return phi
+            return phi, self._residual_block(x, phi, self.residual_variance)
 
     def _covariance_from_features(
-        self, features: Tensor, prior_precision: float, data_scale: float
+        self, features: Tensor | tuple[Tensor, Tensor], prior_precision: float, data_scale: float
     ) -> Tensor:
+        """``g(x)ᵀ A⁻¹ g(x)``, plus the residual prior variance ``r(x)/δ`` when it is on."""
+        if isinstance(features, tuple):
+            phi, residual = features
+            cov = self.posterior.covariance(phi, prior_precision, data_scale)
+            return cov + residual.to(cov.dtype) / prior_precision
         return self.posterior.covariance(features, prior_precision, data_scale)
 
     # ------------------------------------------------------------------ diagnostics
@@ -405,7 +481,8 @@ class ScaLLA(LaplaceBase):
             raise RuntimeError("fastlla: call ScaLLA.fit(train_loader) first")
         x = to_device(x, self.device, self.dtype)
         check_finite("the inputs", x)
-        phi = self._features(x).double()
+        with torch.no_grad():
+            phi = self._surrogate_features(x).double()
         rows = phi.permute(0, 2, 1).reshape(-1, phi.shape[1])
         B = batch_size(x)
         if method == "auto":
@@ -446,6 +523,7 @@ class ScaLLA(LaplaceBase):
             last_layer=self.last_layer,
             seed=self.seed,
             surrogate=self.surrogate.state_dict(),
+            residual_head=None if self.residual_head is None else self.residual_head.state_dict(),
             H=self.posterior.H,
         )
         return state
@@ -460,6 +538,9 @@ class ScaLLA(LaplaceBase):
         if self.surrogate is None:
             self._ensure_surrogate(self.n_outputs)
         self.surrogate.load_state_dict(state["surrogate"])
+        if state.get("residual_head") is not None:
+            self.residual_head = ResidualHead(self.model, self.n_outputs)
+            self.residual_head.load_state_dict(state["residual_head"])
         self.posterior = FeaturePosterior(state["H"].to(self.device, self.dtype))
         self._fitted = True
 

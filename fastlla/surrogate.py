@@ -28,6 +28,8 @@ from .functional import batch_size, call_module
 __all__ = [
     "Surrogate",
     "LastLayerSurrogate",
+    "ResidualHead",
+    "penultimate",
     "default_surrogate",
     "last_layer_surrogate",
     "check_surrogate_output",
@@ -115,20 +117,7 @@ class LastLayerSurrogate(nn.Module):
 
     def psi(self, x: Any) -> Tensor:
         """``ψ(x) = [φ(x); 1]`` (B, h+1) of the network itself (no gradient)."""
-        model = self._model[0]
-        captured: list[Tensor] = []
-        handle = model.get_submodule(self.head_name).register_forward_pre_hook(
-            lambda mod, args: captured.append(args[0])
-        )
-        try:
-            with torch.no_grad():
-                call_module(model, x)
-        finally:
-            handle.remove()
-        phi = captured[-1].reshape(captured[-1].shape[0], -1)
-        if self.has_bias:
-            phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], dim=1)
-        return phi.to(self.basis.dtype)
+        return penultimate(self._model[0], self.head_name, x, self.has_bias).to(self.basis.dtype)
 
     def exact_features(self, x: Any, psi: Tensor | None = None) -> Tensor:
         """``(Uᵀψ(x)) ⊗ I_C`` as (B, k·C, C)."""
@@ -167,6 +156,56 @@ class LastLayerSurrogate(nn.Module):
         if self.full_rank:
             return psi.new_zeros(psi.shape[0])
         return (psi - (psi @ self.basis) @ self.basis.mT).square().sum(-1)
+
+
+def penultimate(model: nn.Module, head_name: str, x: Any, bias: bool = True) -> Tensor:
+    """``[φ(x); 1]`` (or ``φ(x)``): the input of the module ``head_name`` of ``model``, no grad."""
+    captured: list[Tensor] = []
+    handle = model.get_submodule(head_name).register_forward_pre_hook(
+        lambda mod, args: captured.append(args[0])
+    )
+    try:
+        with torch.no_grad():
+            call_module(model, x)
+    finally:
+        handle.remove()
+    phi = captured[-1].reshape(captured[-1].shape[0], -1)
+    if bias:
+        phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], dim=1)
+    return phi
+
+
+class ResidualHead(nn.Module):
+    """``R(x) ∈ R^{C×C}`` with ``R Rᵀ ≈ κ(x, x) − g(x)ᵀg(x)``: the NTK's diagonal block the
+    surrogate's features miss, for the residual prior variance ``R Rᵀ/δ`` (FITC-style).
+
+    A small MLP on the network's own penultimate features ``[φ(x); 1]`` (read through a hook on
+    its last ``nn.Linear``). Trained beside the surrogate from the same JVPs: the per-input
+    target ``(1/S) Σ_s z_s z_sᵀ − g gᵀ`` is unbiased for the residual block, so the squared
+    error's gradient is unbiased too.
+    """
+
+    def __init__(self, model: nn.Module, n_outputs: int, hidden: int = 128):
+        super().__init__()
+        name, linear = last_linear(model)
+        self._model = (model,)
+        self.head_name = name
+        self.has_bias = linear.bias is not None
+        width = linear.in_features + int(self.has_bias)
+        self.n_outputs = n_outputs
+        self.net = nn.Sequential(
+            nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, n_outputs * n_outputs)
+        )
+        self.register_buffer("output_scale", torch.tensor(1.0))
+        w = linear.weight
+        self.to(device=w.device, dtype=w.dtype)
+
+    def forward(self, x: Any, psi: Tensor | None = None) -> Tensor:
+        """The factor ``R(x)`` (B, C, C)."""
+        if psi is None:
+            psi = penultimate(self._model[0], self.head_name, x, self.has_bias)
+        C = self.n_outputs
+        return self.net(psi.to(self.output_scale.dtype)).view(-1, C, C) * self.output_scale
 
 
 def default_surrogate(model: nn.Module, n_features: int, n_outputs: int, n_params: int) -> Surrogate:
