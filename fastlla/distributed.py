@@ -279,6 +279,8 @@ def check_fit_start(
         value = getattr(estimator, name, None)
         settings[name] = getattr(value, "value", value)
     settings["n_params"] = estimator.network.n_params
+    config = getattr(estimator, "_train_config", None) or {}
+    settings.update({k: config[k] for k in ("schedule", "ema") if k in config})
     mine = {
         "settings": settings,
         "weights": _weight_checksum(estimator.model),

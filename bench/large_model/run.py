@@ -26,6 +26,7 @@ import math
 import platform
 import random
 import re
+import resource
 import struct
 import time
 import unicodedata
@@ -267,11 +268,13 @@ def main() -> None:
     model.to(device)
     train_text, y_train = make_data(100, seed=0)  # 400 sentences
     test_text, y_test = make_data(50, seed=1)  # 200
+    val_text, y_val = make_data(25, seed=2)  # 100, for the grid search of δ
     ood_text = sentences(*OOD, 100, random.Random(2))
-    X_train, X_test, X_ood = (
-        tuple(t.to(device) for t in tokenizer(text)) for text in (train_text, test_text, ood_text)
+    X_train, X_val, X_test, X_ood = (
+        tuple(t.to(device) for t in tokenizer(text))
+        for text in (train_text, val_text, test_text, ood_text)
     )
-    y_train, y_test = y_train.to(device), y_test.to(device)
+    y_train, y_val, y_test = y_train.to(device), y_val.to(device), y_test.to(device)
 
     # MAP head on frozen embeddings (the "pre-trained" network for this task)
     with torch.no_grad():
@@ -286,15 +289,14 @@ def main() -> None:
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
 
-    train = DataLoader(TensorDataset(*X_train, y_train), batch_size=args.batch_size, shuffle=False)
-    train_pairs = [((ids, mask), y) for ids, mask, y in train]
+    def pairs(X, y):
+        loader = DataLoader(TensorDataset(*X, y), batch_size=args.batch_size, shuffle=False)
+        return [((ids, mask), t) for ids, mask, t in loader]
 
     la = fastlla.ScaLLA(model, "classification", n_features=args.n_features, seed=0)
     with measure(device) as fit_m:
-        la.fit(train_pairs, iterations=args.iterations, n_projections=args.n_projections,
-               lr=1e-3, progress_bar=False)  # fmt: skip
-    with measure(device) as opt_m:
-        la.optimize_prior_precision("marglik")
+        la.fit(pairs(X_train, y_train), iterations=args.iterations,
+               n_projections=args.n_projections, lr=1e-3, progress_bar=False)  # fmt: skip
 
     def sync():
         if device.type == "cuda":
@@ -310,19 +312,35 @@ def main() -> None:
             best = min(best, time.perf_counter() - t0)
         return out, best
 
-    with torch.no_grad():
-        f_test, t_map = timed(model, *X_test)
-        probs, t_la = timed(la, X_test)
-        probs_ood = la(X_ood)
-        predictor = la.export()
-        _, t_export = timed(predictor, *X_test)
-        map_ood = torch.softmax(model(*X_ood), -1)
-    map_probs = torch.softmax(f_test, -1)
-
     def ood_auroc(p_in, p_out):
         return float(metrics.auroc(predictive_entropy(p_in), predictive_entropy(p_out)))
 
-    fidelity = la.kernel_fidelity(tuple(t[:16] for t in X_test), method="jvp", n_projections=32)
+    def scores(probs, probs_ood):
+        return {
+            "accuracy": float(metrics.accuracy(probs, y_test)),
+            "nll": float(metrics.nll(probs, y_test)),
+            "ece": float(metrics.ece(probs, y_test)),
+            "ood_auroc_entropy": ood_auroc(probs, probs_ood),
+        }
+
+    with torch.no_grad():
+        f_test, t_map = timed(model, *X_test)
+        test = {"map": scores(torch.softmax(f_test, -1), torch.softmax(model(*X_ood), -1))}
+    deltas = {}
+    with measure(device) as opt_m:
+        deltas["marglik"] = la.optimize_prior_precision("marglik")
+    test["scalla_marglik"] = scores(la(X_test), la(X_ood))
+    with measure(device) as grid_m:
+        deltas["gridsearch"] = la.optimize_prior_precision(
+            "gridsearch", val_loader=pairs(X_val, y_val)
+        )
+    with torch.no_grad():
+        probs, t_la = timed(la, X_test)
+        test["scalla_gridsearch"] = scores(probs, la(X_ood))
+        predictor = la.export()
+        _, t_export = timed(predictor, *X_test)
+
+    fidelity = la.kernel_fidelity(tuple(t[:16] for t in X_test), method="jvp", n_projections=16)
     N, C = len(train_text), len(TOPICS)
     gib = 2**30
     results = {
@@ -335,27 +353,19 @@ def main() -> None:
         "n_projections": args.n_projections,
         "batch_size": args.batch_size,
         "threads": args.threads,
-        "prior_precision": la.prior_precision,
-        "fit_seconds": fit_m.seconds,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "fit_seconds": fit_m.seconds,
         "fit_peak_mib": fit_m.peak_mib,
         "fit_peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "RSS",
+        "process_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "seconds_per_step": la.history[-1]["seconds"] / max(len(la.history), 1),
-        "optimize_prior_seconds": opt_m.seconds,
+        "prior_precision": deltas,
+        "optimize_prior_seconds": {"marglik": opt_m.seconds, "gridsearch": grid_m.seconds},
         "latency_ms_per_200": {
             "map": 1e3 * t_map, "scalla": 1e3 * t_la, "exported_predictor": 1e3 * t_export,
         },
         "kernel_error_jvp_estimate": fidelity,
-        "test": {
-            "map_accuracy": float(metrics.accuracy(map_probs, y_test)),
-            "scalla_accuracy": float(metrics.accuracy(probs, y_test)),
-            "map_nll": float(metrics.nll(map_probs, y_test)),
-            "scalla_nll": float(metrics.nll(probs, y_test)),
-            "map_ece": float(metrics.ece(map_probs, y_test)),
-            "scalla_ece": float(metrics.ece(probs, y_test)),
-            "ood_auroc_entropy_map": ood_auroc(map_probs, map_ood),
-            "ood_auroc_entropy_scalla": ood_auroc(probs, probs_ood),
-        },
+        "test": test,
         "what_others_need": {
             "exactlla_weight_space_G_float32_GiB": n_params**2 * 4 / gib,
             "exactlla_function_space_jacobians_float32_GiB": N * C * n_params * 4 / gib,
