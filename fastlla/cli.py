@@ -4,6 +4,7 @@ Commands
 --------
 demo      MAP vs ExactLLA vs ScaLLA on digits (with OOD) and a 1-D gap regression.
 backends  Which implementation (native C++/CUDA or pure-PyTorch reference) each op uses.
+fidelity  Held-out kernel error vs training cost of ScaLLA configurations (digits CNN).
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fidelity(args: argparse.Namespace) -> int:
+    from .fidelity import main as fidelity_main
+
+    fidelity_main(args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlla", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
     backends = sub.add_parser("backends", help="report which backend each op uses")
     backends.set_defaults(run=_backends)
+
+    from .fidelity import add_arguments as fidelity_arguments
+
+    fidelity = sub.add_parser("fidelity", help="kernel error vs cost of ScaLLA configurations")
+    fidelity_arguments(fidelity)
+    fidelity.set_defaults(run=_fidelity)
 
     args = parser.parse_args(argv)
     return args.run(args)
