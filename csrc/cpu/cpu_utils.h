@@ -11,7 +11,7 @@
 // right clone is picked at load time (GCC function multi-versioning): the extension stays
 // portable without giving up the vector units. Elsewhere the attribute is empty.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTLLA_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define FASTLLA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FASTLLA_CPU_CLONES
 #endif

@@ -21,25 +21,63 @@ namespace {
 constexpr int64_t kChunkRows = 640;  // rows (b, c) per chunk
 constexpr int64_t kTile = 64;  // column tile of the triangular product
 
+// Xᵀ rows (b, c) of a chunk: dst[(i·C + c)·M + m] = phi[b0 + i, m, c] (a C×M transpose per input).
+#define FASTLLA_GATHER(T)                                                                      \
+  FASTLLA_CPU_CLONES void gather_transposed(const T* src, T* dst, int64_t nb, int64_t M,        \
+                                            int64_t C) {                                       \
+    for (int64_t i = 0; i < nb; ++i) {                                                         \
+      const T* s = src + i * M * C;                                                            \
+      T* d = dst + i * C * M;                                                                  \
+      for (int64_t m0 = 0; m0 < M; m0 += 64) {                                                 \
+        const int64_t m1 = std::min<int64_t>(M, m0 + 64);                                      \
+        for (int64_t c = 0; c < C; ++c) {                                                      \
+          _Pragma("omp simd") for (int64_t m = m0; m < m1; ++m) d[c * M + m] = s[m * C + c];   \
+        }                                                                                      \
+      }                                                                                        \
+    }                                                                                          \
+  }
+FASTLLA_GATHER(float)
+FASTLLA_GATHER(double)
+#undef FASTLLA_GATHER
+
 // out_b = V_b V_bᵀ (C×C) for the row-major blocks V_b (C×M) of v, b < nb; or only its diagonal.
-// (Faster than a batched GEMM for these tiny products; `omp simd` lets the float sums vectorise.)
+// Four dot products at a time (independent accumulator chains that share the loads of row i);
+// `omp simd` lets the float sums vectorise. Faster than a batched GEMM for these tiny products.
 #define FASTLLA_BLOCK_GRAMS(T)                                                                 \
   FASTLLA_CPU_CLONES void block_grams(const T* v, T* out, int64_t nb, int64_t C, int64_t M,    \
                                       bool diagonal) {                                         \
     for (int64_t b = 0; b < nb; ++b) {                                                         \
       const T* vb = v + b * C * M;                                                             \
+      T* ob = out + b * (diagonal ? C : C * C);                                                \
       for (int64_t i = 0; i < C; ++i) {                                                        \
-        for (int64_t j = diagonal ? i : 0; j <= i; ++j) {                                      \
-          const T* x = vb + i * M;                                                             \
+        const T* x = vb + i * M;                                                               \
+        int64_t j = diagonal ? i : 0;                                                          \
+        for (; j + 4 <= i + 1; j += 4) {                                                       \
+          const T *y0 = vb + j * M, *y1 = y0 + M, *y2 = y1 + M, *y3 = y2 + M;                  \
+          T a0 = 0, a1 = 0, a2 = 0, a3 = 0;                                                    \
+          _Pragma("omp simd reduction(+ : a0, a1, a2, a3)") for (int64_t m = 0; m < M; ++m) {  \
+            const T xm = x[m];                                                                 \
+            a0 += xm * y0[m];                                                                  \
+            a1 += xm * y1[m];                                                                  \
+            a2 += xm * y2[m];                                                                  \
+            a3 += xm * y3[m];                                                                  \
+          }                                                                                    \
+          const T a[4] = {a0, a1, a2, a3};                                                     \
+          for (int64_t k = 0; k < 4; ++k) {                                                    \
+            ob[i * C + j + k] = a[k];                                                          \
+            ob[(j + k) * C + i] = a[k];                                                        \
+          }                                                                                    \
+        }                                                                                      \
+        for (; j <= i; ++j) {                                                                  \
           const T* y = vb + j * M;                                                             \
           T acc = 0;                                                                           \
           _Pragma("omp simd reduction(+ : acc)") for (int64_t m = 0; m < M; ++m) acc +=        \
               x[m] * y[m];                                                                     \
           if (diagonal) {                                                                      \
-            out[b * C + i] = acc;                                                              \
+            ob[i] = acc;                                                                       \
           } else {                                                                             \
-            out[(b * C + i) * C + j] = acc;                                                    \
-            out[(b * C + j) * C + i] = acc;                                                    \
+            ob[i * C + j] = acc;                                                               \
+            ob[j * C + i] = acc;                                                               \
           }                                                                                    \
         }                                                                                      \
       }                                                                                        \
@@ -74,12 +112,7 @@ at::Tensor predictive_cpu(const at::Tensor& L, const at::Tensor& phi, bool diago
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         const int64_t b0 = chunk * per_chunk, nb = std::min(per_chunk, B - b0);
         const int64_t rows = nb * C;
-        for (int64_t i = 0; i < nb; ++i) {
-          const scalar_t* src = phi_p + (b0 + i) * M * C;
-          scalar_t* dst = x + i * C * M;
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t c = 0; c < C; ++c) dst[c * M + m] = src[m * C + c];
-        }
+        gather_transposed(phi_p + b0 * M * C, x, nb, M, C);
         at::Tensor xr = xt.narrow(0, 0, rows), vr = vt.narrow(0, 0, rows);
         for (int64_t j = 0; j < t; ++j) {
           const int64_t j0 = cpu::tile_begin(M, t, j), j1 = cpu::tile_begin(M, t, j + 1);
