@@ -6,6 +6,7 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <atomic>
 
 // Small hot loops are compiled twice, for the baseline x86-64 target and for AVX2+FMA, and the
 // right clone is picked at load time (GCC function multi-versioning): the extension stays
@@ -28,6 +29,24 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
     at::ThreadLocalStateGuard guard(state);
     f(b, e);
+  });
+}
+
+// Work split into n_chunks pieces handed out dynamically: each worker thread calls
+// worker(next) once, where next() returns the next free chunk index or -1 when none is left.
+// Per-thread state (buffers, partial sums) lives in `worker`. Dynamic hand-out keeps the threads
+// busy when some of them lose their core to other processes (a static split waits for the
+// slowest thread).
+template <typename W>
+void parallel_chunks(int64_t n_chunks, const W& worker) {
+  std::atomic<int64_t> counter{0};
+  auto next = [&]() -> int64_t {
+    const int64_t c = counter.fetch_add(1, std::memory_order_relaxed);
+    return c < n_chunks ? c : -1;
+  };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_chunks));
+  parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) worker(next);
   });
 }
 

@@ -8,7 +8,7 @@
 // Stacking Tᵀ = [W_1 … W_N] (T has N·C rows, M columns) gives Σ_n Φ_n Λ_n Φ_nᵀ = TᵀT: a single
 // symmetric product, formed from its lower tiles with BLAS (no N×M×C temporary beyond one
 // cache-sized chunk of T per thread, no cancellation between two large terms). Regression
-// (logits None, Λ_n = I) uses W_n = Φ_n. Threads take contiguous ranges of inputs, each
+// (logits None, Λ_n = I) uses W_n = Φ_n. Threads take chunks of inputs as they become free, each
 // accumulating its own M×M partial sum; the partial sums are added into h at the end.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -74,16 +74,19 @@ void ggn_accumulate_cpu(at::Tensor& h, const at::Tensor& phi,
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "ggn_accumulate_cpu", [&] {
     const scalar_t* phi_p = f.data_ptr<scalar_t>();
     const scalar_t* logits_p = lg.defined() ? lg.data_ptr<scalar_t>() : nullptr;
-    cpu::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    cpu::parallel_chunks(n_chunks, [&](const auto& next) {
       at::Tensor t = at::empty({per_chunk * C, M}, h.options());
       at::Tensor part = at::empty({M, M}, h.options());
       std::vector<double> sqrt_p(C);
       std::vector<scalar_t> u(M);
-      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      bool first = true;
+      for (int64_t chunk = next(); chunk >= 0; chunk = next()) {
         const int64_t n0 = chunk * per_chunk, n = std::min(per_chunk, N - n0);
         fill_factor<scalar_t>(t.data_ptr<scalar_t>(), phi_p, logits_p, n0, n, M, C, sqrt_p, u);
-        cpu::syrk_lower_tiles(part, t.narrow(0, 0, n * C), kTile, chunk == c0 ? 0.0 : 1.0);
+        cpu::syrk_lower_tiles(part, t.narrow(0, 0, n * C), kTile, first ? 0.0 : 1.0);
+        first = false;
       }
+      if (first) return;  // this worker got no chunk
       std::lock_guard<std::mutex> guard(lock);
       total.add_(part);
     });

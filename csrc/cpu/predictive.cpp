@@ -1,7 +1,7 @@
 // Predictive covariance / variance on CPU: Σ_b = Φ_bᵀ (LLᵀ)⁻¹ Φ_b = V_bᵀV_b, V_b = L⁻¹Φ_b.
 //
 // L⁻¹ is formed once (M³/6, negligible beside the B·C right-hand sides); then every thread takes
-// a contiguous range of inputs and, one cache-sized chunk of inputs at a time,
+// cache-sized chunks of inputs as it becomes free and, one chunk at a time,
 //   1. gathers Xᵀ (rows (b, c), M columns) from phi (B, M, C) — no permuted copy of phi,
 //   2. forms Vᵀ = Xᵀ L⁻ᵀ column tile by column tile, using that L⁻ᵀ is upper triangular
 //      (tile J only needs the first j1 columns of Xᵀ: about 5/8 of a full GEMM with 4 tiles),
@@ -18,7 +18,7 @@
 namespace fastlla {
 namespace {
 
-constexpr int64_t kChunkRows = 640;  // rows (b, c) per chunk
+constexpr int64_t kChunkRows = 320;  // rows (b, c) per chunk
 constexpr int64_t kTile = 64;  // column tile of the triangular product
 
 // Xᵀ rows (b, c) of a chunk: dst[(i·C + c)·M + m] = phi[b0 + i, m, c] (a C×M transpose per input).
@@ -105,11 +105,11 @@ at::Tensor predictive_cpu(const at::Tensor& L, const at::Tensor& phi, bool diago
   AT_DISPATCH_FLOATING_TYPES(phi.scalar_type(), "predictive_cpu", [&] {
     const scalar_t* phi_p = f.data_ptr<scalar_t>();
     scalar_t* out_p = out.data_ptr<scalar_t>();
-    cpu::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    cpu::parallel_chunks(n_chunks, [&](const auto& next) {
       at::Tensor xt = at::empty({per_chunk * C, M}, phi.options());
       at::Tensor vt = at::empty({per_chunk * C, M}, phi.options());
       scalar_t* x = xt.data_ptr<scalar_t>();
-      for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      for (int64_t chunk = next(); chunk >= 0; chunk = next()) {
         const int64_t b0 = chunk * per_chunk, nb = std::min(per_chunk, B - b0);
         const int64_t rows = nb * C;
         gather_transposed(phi_p + b0 * M * C, x, nb, M, C);
