@@ -5,6 +5,7 @@ Commands
 demo      MAP vs ExactLLA vs ScaLLA on digits (with OOD) and a 1-D gap regression.
 backends  Which implementation (native C++/CUDA or pure-PyTorch reference) each op uses.
 fidelity  Held-out kernel error vs training cost of ScaLLA configurations (digits CNN).
+bench     Benchmarks against ExactLLA and laplace-torch; writes bench/results/<device>-<date>.md.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def _fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    mode = "full" if args.full else "smoke" if args.smoke else "quick"
+    sections = args.sections.split(",") if args.sections else None
+    run_bench(mode, time_budget=args.time_budget, out=args.out, sections=sections)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlla", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     fidelity = sub.add_parser("fidelity", help="kernel error vs cost of ScaLLA configurations")
     fidelity_arguments(fidelity)
     fidelity.set_defaults(run=_fidelity)
+
+    bench = sub.add_parser("bench", help="benchmark suite and report (run from a checkout)")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="under 10 minutes on 2 cores (default)")
+    size.add_argument("--full", action="store_true", help="100-step fits, 10-minute fidelity runs")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes: checks the suite runs")
+    bench.add_argument("--time-budget", type=float, default=None, help="seconds for everything")
+    bench.add_argument("--sections", default=None, help="comma-separated subset of the sections")
+    bench.add_argument("--out", default=None, help="markdown path (default bench/results/...)")
+    bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)
     return args.run(args)
