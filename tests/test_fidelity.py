@@ -227,11 +227,23 @@ def test_residual_variance_adds_the_prior_term_and_can_be_switched():
     assert torch.equal(again.predictive_distribution(x)[1], la.predictive_distribution(x)[1])
     with pytest.raises(ValueError, match="residual_variance"):
         fastlla.ScaLLA(model, "classification", residual_variance="exact")
-    plain_la = fastlla.ScaLLA(model, "classification", n_features=3)
+    plain_la = fastlla.ScaLLA(model, "classification", n_features=3, residual_variance=False)
     plain_la.fit(loader, iterations=2, progress_bar=False)
+    assert plain_la.residual_head is None and plain_la.residual_mode is False
     plain_la.residual_variance = "head"
     with pytest.raises(RuntimeError, match="head"):
         plain_la.predictive_distribution(x)
+
+
+def test_residual_variance_auto_is_the_head_when_one_was_trained():
+    model, loader, x = make_problem()
+    la = fastlla.ScaLLA(model, "classification", n_features=3)
+    la.fit(loader, iterations=0, progress_bar=False)
+    assert la.residual_mode is False and isinstance(la._features(x), torch.Tensor)
+    la.fit(loader, iterations=3, progress_bar=False)
+    assert la.residual_mode == "head"
+    phi, r = la._features(x)
+    assert phi.shape == (x.shape[0], la.n_features, 3) and r.shape == (x.shape[0], 3, 3)
 
 
 # --------------------------------------------------------------------------- iteration budget

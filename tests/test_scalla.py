@@ -137,8 +137,9 @@ def test_jvp_fidelity_estimate_agrees_with_exact():
 
 def cross_kernel_share(la: fastlla.ScaLLA, x_t, x_u) -> float:
     """``‖Q_TU‖_F / √(‖Q_TT‖_F ‖Q_UU‖_F)``: 0 when training and context kernels separate."""
-    phi_t = la._features(x_t).permute(0, 2, 1).reshape(-1, la.n_features)
-    phi_u = la._features(x_u).permute(0, 2, 1).reshape(-1, la.n_features)
+    with torch.no_grad():  # the surrogate's features (``_features`` may add a residual block)
+        phi_t = la._surrogate_features(x_t).permute(0, 2, 1).reshape(-1, la.n_features)
+        phi_u = la._surrogate_features(x_u).permute(0, 2, 1).reshape(-1, la.n_features)
     tt, uu, tu = (phi_t @ phi_t.mT).norm(), (phi_u @ phi_u.mT).norm(), (phi_t @ phi_u.mT).norm()
     return float(tu / (tt * uu).sqrt())
 
