@@ -55,9 +55,10 @@ def main(argv=None):
     parser.add_argument("--n-features", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--deltas", default="1,10,100")
-    parser.add_argument("--configs", default="old_default,lastlayer_head,lastlayer_head_context")
+    parser.add_argument("--configs", default="old_default,default,default_context")
     parser.add_argument("--out", default="bench/fidelity/results")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="predictive.json", help="result file under --out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -90,8 +91,16 @@ def main(argv=None):
         report[f"ExactLLA δ={d:.4g}"] = scores(m.float(), c.float(), y, mo.float(), co.float())
         print(f"ExactLLA δ={d:.4g}", report[f"ExactLLA δ={d:.4g}"])
 
+    context_loader = ds.loader("context", 64, shuffle=True, seed=seed + 1)
     configs = {
-        "old_default": (dict(n_features=128), None, [False, "jvp"]),
+        # issue-2 default: no exact last-layer block, no residual correction
+        "old_default": (dict(n_features=128, last_layer=False, residual_variance=False), None,
+                        [False, "jvp"]),  # fmt: skip
+        # today's defaults (last_layer="auto" → exact block, residual_variance="auto" → head)
+        "default": (dict(n_features=args.n_features), None, ["auto", False, "jvp"]),
+        # today's defaults with context points (last_layer="auto" turns the block off)
+        "default_context": (dict(n_features=args.n_features), context_loader,
+                            ["auto", False, "jvp"]),  # fmt: skip
         "lastlayer_head": (
             dict(n_features=args.n_features, last_layer=True, residual_variance="head"),
             None,
@@ -99,7 +108,7 @@ def main(argv=None):
         ),
         "lastlayer_head_context": (
             dict(n_features=args.n_features, last_layer=True, residual_variance="head"),
-            ds.loader("context", 64, shuffle=True, seed=seed + 1),
+            context_loader,
             [False, "head", "jvp"],
         ),
     }
@@ -133,7 +142,7 @@ def main(argv=None):
             row["val_delta"] = {"delta": la.prior_precision, **scores(m, c, y, mo, co)}
             report[key] = row
             print(key, json.dumps(row, indent=None)[:2000])
-            (out / "predictive.json").write_text(json.dumps(report, indent=1))
+            (out / args.name).write_text(json.dumps(report, indent=1))
     return report
 
 
