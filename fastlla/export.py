@@ -18,7 +18,7 @@ architecture::
     predictor = la.export()                       # or Predictor.from_estimator(la)
     torch.save(predictor.state_dict(), "predictor.pt")
     ...
-    fresh = Predictor.like(MyNet(), "classification", n_features=128, n_outputs=10)
+    fresh = Predictor.like(MyNet(), "classification", n_outputs=10, n_features=128)
     fresh.load_state_dict(torch.load("predictor.pt"))
     probs = fresh(x)
 
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .predictive import Likelihood, laplace_bridge, probit
+from .surrogate import LastLayerSurrogate, ResidualHead
 
 __all__ = ["Predictor"]
 
@@ -69,6 +70,7 @@ class Predictor(nn.Module):
         output: str = "auto",
         include_noise: bool = False,
         ops: str = "torch",
+        residual_head: nn.Module | None = None,
     ):
         super().__init__()
         self.likelihood = Likelihood.parse(likelihood)
@@ -84,11 +86,27 @@ class Predictor(nn.Module):
         self.output, self.include_noise, self.ops = output, bool(include_noise), ops
         self.n_features, self.n_outputs = int(n_features), int(n_outputs)
         self.model = model.eval()
+        first = next(iter(model.parameters()))
+        kw = {"dtype": first.dtype, "device": first.device}
+        # The exact last-layer block (LastLayerSurrogate) reads the network's penultimate features
+        # through a hook; here they come from ``trunk``, the network with its last nn.Linear
+        # replaced by the identity (sharing the network's parameters), so forward stays one graph.
+        # The residual head (FITC-style residual prior variance R Rᵀ/δ) reads them too.
+        self.exact_rank, self.exact_bias, self.trunk = 0, False, None
+        head_name = None
+        if isinstance(surrogate, LastLayerSurrogate):
+            self.exact_rank, self.exact_bias = surrogate.rank, surrogate.has_bias
+            head_name = surrogate.head_name
+            self.register_buffer("basis", surrogate.basis.detach().clone().to(**kw))
+            surrogate = surrogate.learned
+        self.residual_head = residual_head.eval() if residual_head is not None else None
+        if residual_head is not None:
+            head_name = residual_head.head_name
+        if head_name is not None:
+            self.trunk = _trunk_sharing_parameters(self.model, head_name)
         self.surrogate = surrogate.eval()
         for p in self.parameters():
             p.requires_grad_(False)
-        first = next(iter(model.parameters()))
-        kw = {"dtype": first.dtype, "device": first.device}
         self.register_buffer("scale_tril", torch.eye(self.n_features, **kw))
         self.register_buffer("prior_precision", torch.tensor(1.0, **kw))
         self.register_buffer("sigma_noise", torch.tensor(1.0, **kw))
@@ -100,19 +118,30 @@ class Predictor(nn.Module):
     ) -> Predictor:
         """Copy a fitted :class:`fastlla.ScaLLA` (at its current hyper-parameters)."""
         estimator._check_fitted()
-        if getattr(estimator, "residual_variance", False):
+        mode = getattr(estimator, "residual_mode", getattr(estimator, "residual_variance", False))
+        if mode not in (False, None, "head"):
             raise NotImplementedError(
-                "fastlla: export supports the feature posterior without residual_variance"
+                f"fastlla: residual_variance={mode!r} estimates κ(x, x) from JVPs at prediction "
+                "and cannot be exported; use 'head' (a fit trains it) or False"
             )
+        model = copy.deepcopy(estimator.model)
+        # the memo makes a surrogate that refers to the network (the exact last-layer block)
+        # refer to the copy instead of copying the network twice
+        surrogate = copy.deepcopy(estimator.surrogate, memo={id(estimator.model): model})
         predictor = cls(
-            copy.deepcopy(estimator.model),
-            copy.deepcopy(estimator.surrogate),
+            model,
+            surrogate,
             estimator.n_features,
             estimator.n_outputs,
             estimator.likelihood,
             output=output,
             include_noise=include_noise,
             ops=ops,
+            residual_head=(
+                copy.deepcopy(estimator.residual_head, memo={id(estimator.model): model})
+                if mode == "head"
+                else None
+            ),
         )
         L = estimator.posterior.cholesky(estimator.prior_precision, estimator.data_scale)
         with torch.no_grad():
@@ -126,19 +155,42 @@ class Predictor(nn.Module):
         cls,
         model: nn.Module,
         likelihood: str | Likelihood,
-        n_features: int,
         n_outputs: int,
         surrogate: nn.Module | None = None,
-        **kwargs: Any,
+        n_features: int | None = None,
+        residual_head: bool | None = None,
+        predictor_options: dict[str, Any] | None = None,
+        **scalla_options: Any,
     ) -> Predictor:
-        """An empty predictor to ``load_state_dict`` into: ``model`` (fresh, same architecture)
-        and the default surrogate's architecture unless ``surrogate`` is given."""
-        if surrogate is None:
-            from .surrogate import default_surrogate
+        """An empty predictor to ``load_state_dict`` into.
 
-            n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            surrogate = default_surrogate(model, n_features, n_outputs, max(n_params, 1))
-        return cls(model, surrogate, n_features, n_outputs, likelihood, **kwargs)
+        ``model`` is a fresh network of the fitted one's architecture. Without ``surrogate``, the
+        surrogate is built as :class:`fastlla.ScaLLA` builds its default, from the same
+        ``scalla_options`` (``n_features``, ``last_layer``, ``seed``) the estimator was given;
+        with one, ``n_features`` is its ``M``. ``residual_head``: whether the fitted estimator
+        had one (``None``: as a ``fit`` with kernel-matching steps under ``scalla_options``
+        leaves it). ``predictor_options`` go to the constructor.
+        """
+        from .scalla import ScaLLA
+
+        if n_features is not None and surrogate is None:
+            scalla_options["n_features"] = n_features
+        estimator = ScaLLA(model, likelihood, **scalla_options)
+        if surrogate is None:
+            surrogate = estimator._ensure_surrogate(n_outputs)
+            n_features = None
+        if n_features is None:
+            n_features = _n_features(surrogate)
+        head = None
+        if residual_head is None:
+            residual_head = getattr(estimator, "residual_variance", False) in ("auto", "head")
+        if residual_head:
+            try:
+                head = ResidualHead(model, n_outputs)
+            except ValueError:
+                head = None
+        options = dict(predictor_options or {}, residual_head=head)
+        return cls(model, surrogate, n_features, n_outputs, likelihood, **options)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -169,12 +221,41 @@ class Predictor(nn.Module):
         V = V.reshape(M, B, C).permute(1, 0, 2)
         return V.mT @ V
 
+    def _psi(self, *args: Any, **kwargs: Any) -> Tensor | None:
+        """``[φ(x); 1]``: the input of the network's last ``nn.Linear``, plus a one."""
+        if self.trunk is None:
+            return None
+        psi = self.trunk(*args, **kwargs)
+        psi = psi.reshape(psi.shape[0], -1)
+        return torch.cat([psi, psi.new_ones(psi.shape[0], 1)], dim=1)
+
+    def features(self, *args: Any, psi: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """The surrogate's features ``g(x)`` (B, M, C), exact last-layer block included."""
+        phi = self.surrogate(*args, **kwargs)
+        if not self.exact_rank:
+            return phi
+        if psi is None:
+            psi = self._psi(*args, **kwargs)
+        if not self.exact_bias:
+            psi = psi[:, :-1]
+        a = psi @ self.basis  # (B, k)
+        C = self.n_outputs
+        eye = torch.eye(C, dtype=a.dtype, device=a.device)
+        exact = (a[:, :, None, None] * eye).reshape(a.shape[0], self.exact_rank * C, C)
+        return torch.cat([phi, exact.to(phi.dtype)], dim=1)
+
     def forward(self, *args: Any, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
         mean = self.model(*args, **kwargs)
         if mean.dim() == 1:
             mean = mean.unsqueeze(-1)
-        phi = self.surrogate(*args, **kwargs)
+        psi = self._psi(*args, **kwargs)
+        phi = self.features(*args, psi=psi, **kwargs)
         cov = self.covariance(phi)
+        if self.residual_head is not None:
+            if not self.residual_head.has_bias:
+                psi = psi[:, :-1]
+            R = self.residual_head(None, psi.to(cov.dtype))
+            cov = cov + (R @ R.mT) / self.prior_precision
         if self.output == "probit":
             return probit(mean, cov)
         if self.output == "bridge":
@@ -189,3 +270,30 @@ class Predictor(nn.Module):
             f"likelihood={self.likelihood.value}, output={self.output}, M={self.n_features}, "
             f"C={self.n_outputs}, ops={self.ops}"
         )
+
+
+def _n_features(surrogate: nn.Module) -> int:
+    if isinstance(surrogate, LastLayerSurrogate):
+        return surrogate.n_learned + surrogate.n_exact
+    n = getattr(surrogate, "n_features", None)
+    if not isinstance(n, int):
+        raise ValueError("fastlla: pass n_features for a surrogate without an n_features attribute")
+    return n
+
+
+def _trunk_sharing_parameters(model: nn.Module, head_name: str) -> nn.Module:
+    """``model`` with its module ``head_name`` replaced by the identity; parameters and buffers
+    are the model's own tensors (tied), not copies."""
+    trunk = copy.deepcopy(model)
+    parent_name, _, attr = head_name.rpartition(".")
+    setattr(trunk.get_submodule(parent_name) if parent_name else trunk, attr, nn.Identity())
+    for kind in ("parameters", "buffers"):
+        own = dict(getattr(model, f"named_{kind}")(remove_duplicate=False))
+        for name, _ in list(getattr(trunk, f"named_{kind}")(remove_duplicate=False)):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = trunk.get_submodule(owner_name) if owner_name else trunk
+            if kind == "parameters":
+                owner._parameters[leaf] = own[name]
+            else:
+                owner._buffers[leaf] = own[name]
+    return trunk

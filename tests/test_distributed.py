@@ -107,6 +107,9 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         fit_kernel(la, DataLoader(TensorDataset(X, y), batch_size=BATCH))
         results["train"] = {
             "surrogate": {k: v.clone() for k, v in la.surrogate.state_dict().items()},
+            "residual_head": None if getattr(la, "residual_head", None) is None else {
+                k: v.clone() for k, v in la.residual_head.state_dict().items()
+            },
             "H": la.posterior.H.clone(),
             "fidelity": la.kernel_fidelity(x_test, method="exact"),
             "first_loss": la.history[0]["loss"],
@@ -225,8 +228,9 @@ def test_two_process_training_converges_like_twice_the_batch(ranks):
     x_test = torch.randn(5, D, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
     trained = [r["train"] for r in ranks]
     # identical surrogate and posterior on every rank
-    for k, v in trained[0]["surrogate"].items():
-        assert torch.equal(v, trained[1]["surrogate"][k]), k
+    for part in ("surrogate", "residual_head"):
+        for k, v in (trained[0][part] or {}).items():
+            assert torch.equal(v, trained[1][part][k]), (part, k)
     assert torch.equal(trained[0]["H"], trained[1]["H"])
 
     model = make_model()

@@ -104,12 +104,12 @@ def test_predictor_state_dict_round_trip(fitted, tmp_path):
     la, x = fitted
     predictor = la.export()
     torch.save(predictor.state_dict(), tmp_path / "predictor.pt")
-    fresh = Predictor.like(make_model(seed=123), la.likelihood, n_features=M, n_outputs=C)
+    fresh = Predictor.like(make_model(seed=123), la.likelihood, n_outputs=C, n_features=M)
     assert not close(fresh(x), predictor(x))
     fresh.load_state_dict(torch.load(tmp_path / "predictor.pt", weights_only=True))
     with torch.no_grad():
         assert close(fresh(x), predictor(x), tol=0)
-    wrong = Predictor.like(make_model(), la.likelihood, n_features=M + 1, n_outputs=C)
+    wrong = Predictor.like(make_model(), la.likelihood, n_outputs=C, n_features=M + 1)
     with pytest.raises((ValueError, RuntimeError)):
         wrong.load_state_dict(predictor.state_dict())
 

@@ -170,8 +170,17 @@ def test_update_refuses_a_surrogate_with_other_features():
     model, X, y = make_problem("classification")
     la = fitted("classification", model, X[:30], y[:30])
     before = snapshot(la)
-    la.surrogate.head = nn.Linear(la.surrogate.head.in_features, (M + 1) * C).to(DTYPE)
-    la.surrogate.n_features = M + 1
+
+    class OneMore(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            phi = self.inner(x)
+            return torch.cat([phi, phi[:, :1]], dim=1)
+
+    la.surrogate = OneMore(la.surrogate)
     with pytest.raises(ValueError, match="features"):
         la.update(loader(X[30:], y[30:]))
     assert_unchanged(la, before)
