@@ -11,6 +11,7 @@ reference path), the schema mirror and the backend report.
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import pytest
@@ -487,3 +488,50 @@ def test_inputs_that_require_grad(device):
     ops.kernel_matching_loss(phi2, z, 1000).backward()
     grad = reference.kernel_matching_loss_backward(torch.tensor(1.0, **kw), phi2.detach(), z, 1000)
     torch.testing.assert_close(phi2.grad, grad[0])
+
+
+@pytest.mark.skipif(
+    not NATIVE or os.environ.get("FASTLLA_TEST_HEADER", "0") in ("", "0"),
+    reason="compiles a C++ extension (~40 s): set FASTLLA_TEST_HEADER=1 with the native library",
+)
+def test_public_header_from_another_extension(tmp_path):
+    """csrc/fastlla.h lets another extension call the ops through the dispatcher (incl. autograd)."""
+    from torch.utils.cpp_extension import load_inline
+
+    src = r"""
+    #include <fastlla.h>
+    at::Tensor call_loss(at::Tensor phi, at::Tensor z, int64_t n) {
+      return fastlla::kernel_matching_loss(phi, z, n);
+    }
+    at::Tensor call_cov(at::Tensor L, at::Tensor phi) {
+      return fastlla::predictive_covariance(L, phi);
+    }
+    void call_ggn(at::Tensor h, at::Tensor phi) { fastlla::ggn_accumulate(h, phi); }
+    void call_tangents(at::Tensor out) { fastlla::random_tangents(out, 1, 2, "gaussian"); }
+    int64_t call_cuda_version() { return fastlla::cuda_version(); }
+    """
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    ext = load_inline(
+        "fastlla_header_check", cpp_sources=[src], extra_include_paths=[csrc],
+        functions=["call_loss", "call_cov", "call_ggn", "call_tangents", "call_cuda_version"],
+        build_directory=str(tmp_path),
+    )
+    phi = make(12, 4, dtype=torch.float64, device="cpu").requires_grad_()
+    z = make(12, 3, dtype=torch.float64, device="cpu", seed=1)
+    loss = ext.call_loss(phi, z, 5)
+    loss.backward()
+    torch.testing.assert_close(loss, reference.kernel_matching_loss(phi.detach(), z, 5))
+    grad = reference.kernel_matching_loss_backward(torch.tensor(1.0, dtype=torch.float64),
+                                                   phi.detach(), z, 5)[0]
+    torch.testing.assert_close(phi.grad, grad)
+    L = random_factor(4, torch.float64, "cpu")
+    feats = make(2, 4, 3, dtype=torch.float64, device="cpu")
+    torch.testing.assert_close(ext.call_cov(L, feats), reference.predictive_covariance(L, feats))
+    h = torch.zeros(4, 4)
+    ext.call_ggn(h, feats.float())
+    torch.testing.assert_close(h, explicit_ggn(feats, None).float())
+    got, want = torch.empty(2, 5), torch.empty(2, 5)
+    ext.call_tangents(got)
+    ops.random_tangents(want, 1, 2, "gaussian")
+    assert torch.equal(got, want)
+    assert ext.call_cuda_version() == ops.cuda_version()
