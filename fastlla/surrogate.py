@@ -12,6 +12,13 @@ of the learned surrogate is limited mostly by the noise of the projected targets
 (on the digits CNN ``M = 50…200`` reached the same held-out error), while the predictive
 variance keeps more of exact LLA's as ``M`` grows. 128 is the default; use 256–512 when the
 predictive variance matters more than speed, and keep ``M`` well below ``N·C``.
+
+By default (``ScaLLA(last_layer="auto")``) :class:`LastLayerSurrogate` adds, beside the ``M``
+learned features, the *exact* features of the network's last ``nn.Linear`` — ``(h+1)·C`` of
+them, or ``k·C`` for its top-``k`` principal input directions when that is over 1024 — so the
+posterior has ``M + (h+1)·C`` features (590 on the digits CNN with ``M = 100``). The learned
+ones then only fit the rest of the kernel. :class:`ResidualHead` learns the NTK's diagonal
+block that the features miss, for the residual prior variance (``residual_variance``).
 """
 
 from __future__ import annotations
