@@ -239,7 +239,8 @@ def run(repeat: int) -> list[dict]:
 
 
 def markdown(rows: list[dict], repeat: int, threads: int | None = None, clock: str = "wall") -> str:
-    flag = (f" --threads {threads}" if threads else "") + (f" --clock {clock}" if clock != "wall" else "")
+    flag = f" --threads {threads}" if threads else ""
+    flag += f" --clock {clock}" if clock != "wall" else ""
     lines = [
         f"# fastlla CPU ops — native vs reference ({_dt.date.today().isoformat()})",
         "",
@@ -258,7 +259,8 @@ def markdown(rows: list[dict], repeat: int, threads: int | None = None, clock: s
     for r in rows:
         peak = f"{r['peak_bytes'] / 2**20:.2f} MiB" if "peak_bytes" in r else ""
         lines.append(
-            f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {r['ratio']:.2f} | {peak} |"
+            f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {r['ratio']:.2f} "
+            f"| {peak} |"
         )
     for kind in ("value", "value+grad"):
         peaks = {r["impl"]: r["peak_bytes"] for r in rows

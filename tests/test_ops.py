@@ -100,7 +100,8 @@ def test_kernel_matching_loss(device, dtype, R, M, S, n_train, contiguous):
     assert_close(a.grad, phi_ref.grad, dtype)
     assert_close(b.grad, z_ref.grad, dtype)
     # Against the reference (the oracle of the native kernel) in the same dtype.
-    assert_close(F.kernel_matching_loss(phi, z, n), reference.kernel_matching_loss(phi, z, n), dtype)
+    got = F.kernel_matching_loss(phi, z, n)
+    assert_close(got, reference.kernel_matching_loss(phi, z, n), dtype)
     grad = torch.tensor(0.7, dtype=dtype, device=device)
     for got, want in zip(
         F.kernel_matching_loss_backward(grad, phi, z, n),
@@ -402,8 +403,10 @@ def _bad_inputs(device):
     return [
         ("kernel_matching_loss", (phi[0], z, 3), "phi must be 2-D, got shape (3,)"),
         ("kernel_matching_loss", (phi, z[None], 3), "z must be 2-D"),
-        ("kernel_matching_loss", (phi.int(), z, 3), "phi must be float32 or float64, got torch.int32"),
-        ("kernel_matching_loss", (phi, z.double(), 3), "z must have the dtype of phi (torch.float32)"),
+        ("kernel_matching_loss", (phi.int(), z, 3),
+         "phi must be float32 or float64, got torch.int32"),
+        ("kernel_matching_loss", (phi, z.double(), 3),
+         "z must have the dtype of phi (torch.float32)"),
         ("kernel_matching_loss", (phi, z[:5], 3), "phi and z must have the same number of rows"),
         ("kernel_matching_loss", (phi, z, 7), "n_train must lie in [0, 6]"),
         ("kernel_matching_loss", (phi, z, -1), "n_train must lie in [0, 6]"),
@@ -424,8 +427,10 @@ def _bad_inputs(device):
         ("predictive_covariance", (L, make(2, 4, 2, **kw)), "phi must be (B, M, C) with M = 3"),
         ("predictive_variance", (L.double(), phi3), "phi must have the dtype of L"),
         ("predictive_variance", (L.long(), phi3.long()), "L must be float32 or float64"),
-        ("mc_softmax", (make(4, 3, **kw), make(4, 3, 2, **kw), 2, 0), "scale_tril must be (B, C, C)"),
-        ("mc_softmax", (make(4, 3, **kw), make(4, 3, 3, **kw), 0, 0), "n_samples must be at least 1"),
+        ("mc_softmax", (make(4, 3, **kw), make(4, 3, 2, **kw), 2, 0),
+         "scale_tril must be (B, C, C)"),
+        ("mc_softmax", (make(4, 3, **kw), make(4, 3, 3, **kw), 0, 0),
+         "n_samples must be at least 1"),
         ("mc_softmax", (make(4, **kw), make(4, 3, 3, **kw), 1, 0), "mean must be 2-D"),
         ("random_tangents", (torch.empty(2, 4, **kw), 0, 0, "uniform"),
          "distribution must be one of ('rademacher', 'gaussian'), got 'uniform'"),
@@ -457,7 +462,9 @@ def test_bad_inputs_raise_naming_the_argument(device, case):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="device mismatch needs a second device")
-@pytest.mark.parametrize("name", ["kernel_matching_loss", "predictive_covariance", "ggn_accumulate"])
+@pytest.mark.parametrize(
+    "name", ["kernel_matching_loss", "predictive_covariance", "ggn_accumulate"]
+)
 def test_device_mismatch(name):
     cpu, cuda = dict(device="cpu"), dict(device="cuda")
     args = {
@@ -495,7 +502,7 @@ def test_inputs_that_require_grad(device):
     reason="compiles a C++ extension (~40 s): set FASTLLA_TEST_HEADER=1 with the native library",
 )
 def test_public_header_from_another_extension(tmp_path):
-    """csrc/fastlla.h lets another extension call the ops through the dispatcher (incl. autograd)."""
+    """csrc/fastlla.h lets another extension call the ops through the dispatcher, autograd too."""
     from torch.utils.cpp_extension import load_inline
 
     src = r"""
