@@ -10,8 +10,10 @@
 
 // Small hot loops are compiled twice, for the baseline x86-64 target and for AVX2+FMA, and the
 // right clone is picked at load time (GCC function multi-versioning): the extension stays
-// portable without giving up the vector units. Elsewhere the attribute is empty.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// portable without giving up the vector units. Elsewhere (or before GCC 12, which cannot
+// dispatch on an ISA level) the attribute is empty.
+#if defined(__GNUC__) && __GNUC__ >= 12 && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__linux__)
 #define FASTLLA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FASTLLA_CPU_CLONES
