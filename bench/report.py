@@ -76,6 +76,8 @@ def status_text(r: dict) -> str:
         return f"**over time cap**: predicted ≈{r['predicted_seconds']:.0f} s > {r['cap_seconds']:.0f} s"
     if st == "out of suite budget":
         return "not run: the suite's time budget was spent"
+    if st == "not run in this mode":
+        return f"not run in this mode ({r.get('reason', '')})"
     if st == "unavailable":
         return f"unavailable: {r.get('reason', '')}"
     return st
@@ -419,6 +421,10 @@ def write_report(raw: Path, out_md: Path, ops_source: Path | None = None) -> Pat
         "(`fastlla.measure`, freed heap returned to the OS before each measurement); state = "
         "bytes of the tensors of `state_dict()`; latencies are medians of interleaved calls",
         f"- native ops loaded in the runs: {native}",
+        "",
+        f"- caps: memory {fmt_bytes(cfg.get('caps', {}).get('memory_bytes'))}, time "
+        f"{cfg.get('caps', {}).get('seconds', '?')} s per case (fit + one predictive call, "
+        "predicted from a flop count and the measured matmul rate)",
         "",
         "## Targets",
         "",

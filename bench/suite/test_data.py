@@ -13,7 +13,7 @@ import benchlib as bl
 
 SECTION = "data"
 CFG = bl.config()["data"]
-CASES = [(n, k) for n in CFG["n"] for k in CFG["methods"]]
+CASES = [(n, k) for k in CFG["methods"] for n in CFG["n"]]  # ScaLLA first
 _MODEL: list = []
 
 
