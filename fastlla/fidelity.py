@@ -208,7 +208,7 @@ MODEL_PATH = Path(__file__).resolve().parents[1] / "bench" / "fidelity" / "map_c
 
 
 class _CachedSplit:
-    """The digits split read back from its cache, with the loader of :class:`fastlla.data.Dataset`."""
+    """The digits split read back from its cache, with :class:`fastlla.data.Dataset`'s loader."""
 
     def __init__(self, **tensors):
         self.__dict__.update(tensors)
@@ -383,7 +383,8 @@ def main(argv=None):
     ds, model, probe = setup(seed=args.seed, device=args.device, model_path=args.model_path)
     floors = probe.floors([10, 25, 50, 100, 150, 200, 300, 490, 540, 590])
     print(f"probe Gram: tr κ/‖κ‖_F = {probe.trace_ratio:.2f}; floors {floors}")
-    (out / "floors.json").write_text(json.dumps({"floors": floors, "trace_ratio": probe.trace_ratio}))
+    summary = {"floors": floors, "trace_ratio": probe.trace_ratio}
+    (out / "floors.json").write_text(json.dumps(summary))
     results = []
     for name in names:
         result, _ = run_config(name, ds, model, probe, args.iterations, args.every, args.seed,

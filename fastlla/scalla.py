@@ -279,10 +279,13 @@ class ScaLLA(LaplaceBase):
         optimizer = torch.optim.Adam(params, lr=lr)
         budget = cfg.get("time_budget")  # iterations="auto": resolved after AUTO_PROBE_STEPS
         horizon = [iterations]
-        if cfg.get("schedule", "cosine") == "cosine":
-            decay = lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, horizon[0]) / horizon[0]))  # noqa: E731
-        else:
-            decay = lambda t: 1.0  # noqa: E731
+        cosine = cfg.get("schedule", "cosine") == "cosine"
+
+        def decay(t: int) -> float:
+            if not cosine:
+                return 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, horizon[0]) / horizon[0]))
+
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
         ema_decay = cfg.get("ema")
         averaged = [p.detach().clone() for p in params] if ema_decay else None
@@ -414,7 +417,9 @@ class ScaLLA(LaplaceBase):
             R = self.residual_head(x)
             return R @ R.mT
         if mode != "jvp":
-            raise ValueError(f"fastlla: residual_variance must be False, 'jvp' or 'head', got {mode!r}")
+            raise ValueError(
+                f"fastlla: residual_variance must be False, 'jvp' or 'head', got {mode!r}"
+            )
         g = phi[:, : exact_block.n_learned] if exact_block is not None else phi
         p0 = next(iter(self.network.params().values()))
         psi = exact_block.psi(x) if exact_block is not None else None

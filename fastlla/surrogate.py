@@ -95,7 +95,9 @@ class LastLayerSurrogate(nn.Module):
     rank : ``k``; ``None`` keeps all ``h + 1`` directions.
     """
 
-    def __init__(self, learned: nn.Module, model: nn.Module, head_name: str, rank: int | None = None):
+    def __init__(
+        self, learned: nn.Module, model: nn.Module, head_name: str, rank: int | None = None
+    ):
         super().__init__()
         head = model.get_submodule(head_name)
         if not isinstance(head, nn.Linear):
