@@ -132,7 +132,7 @@ def test_last_layer_auto_resolution():
     ctx = DataLoader(TensorDataset(torch.randn(16, 4, dtype=DTYPE)), batch_size=8)
     biased = fastlla.ScaLLA(model, "classification", n_features=4)
     biased.fit(loader, context_loader=ctx, iterations=2, progress_bar=False)
-    assert not isinstance(biased.surrogate, LastLayerSurrogate) and biased.n_features == 4
+    assert isinstance(biased.surrogate, LastLayerSurrogate) and biased.n_features == 4 + 7 * 3
     frozen, _, _ = make_problem()
     frozen[2].weight.requires_grad_(False)
     la = fastlla.ScaLLA(frozen, "classification", n_features=4)
