@@ -98,9 +98,12 @@ def main(argv=None):
                         [False, "jvp"]),  # fmt: skip
         # today's defaults (last_layer="auto" → exact block, residual_variance="auto" → head)
         "default": (dict(n_features=args.n_features), None, ["auto", False, "jvp"]),
-        # today's defaults with context points (last_layer="auto" turns the block off)
+        # today's defaults with context points (the block stays on; the bias acts on the rest)
         "default_context": (dict(n_features=args.n_features), context_loader,
                             ["auto", False, "jvp"]),  # fmt: skip
+        # context points on a fully learned kernel (results/predictive_default_context.json)
+        "nolastlayer_context": (dict(n_features=args.n_features, last_layer=False), context_loader,
+                                ["auto", False, "jvp"]),  # fmt: skip
         "lastlayer_head": (
             dict(n_features=args.n_features, last_layer=True, residual_variance="head"),
             None,
