@@ -245,6 +245,20 @@ def test_residual_variance_auto_is_the_head_when_one_was_trained():
     assert phi.shape == (x.shape[0], la.n_features, 3) and r.shape == (x.shape[0], 3, 3)
 
 
+def test_residual_variance_auto_is_off_for_regression():
+    model, loader, x = make_problem()
+    X, _ = loader.dataset.tensors
+    with torch.no_grad():
+        y = model(X)
+    reg = DataLoader(TensorDataset(X, y), batch_size=8)
+    la = fastlla.ScaLLA(model, "regression", n_features=3)
+    la.fit(reg, iterations=3, progress_bar=False)
+    assert la.residual_head is None and la.residual_mode is False
+    la = fastlla.ScaLLA(model, "regression", n_features=3, residual_variance="head")
+    la.fit(reg, iterations=3, progress_bar=False)
+    assert la.residual_mode == "head"
+
+
 # --------------------------------------------------------------------------- iteration budget
 def test_auto_iterations_follow_the_time_budget():
     model, loader, _ = make_problem()
