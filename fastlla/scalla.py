@@ -121,6 +121,8 @@ class ScaLLA(LaplaceBase):
                 "fastlla: residual_variance must be 'auto', False, 'jvp' or 'head', got "
                 f"{residual_variance!r}"
             )
+        if residual_variance == "auto" and self.likelihood is not Likelihood.CLASSIFICATION:
+            residual_variance = False  # "auto" corrects classification only (see above)
         self.residual_variance = residual_variance or False
         self.residual_head: ResidualHead | None = None
         if surrogate is not None and not isinstance(surrogate, nn.Module):
