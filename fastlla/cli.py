@@ -16,15 +16,21 @@ import sys
 __all__ = ["main"]
 
 
+def _iterations(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig(
         seed=args.seed,
         n_features=args.n_features,
-        iterations=args.iterations,
+        iterations=_iterations(args.iterations),
+        time_budget=args.time_budget,
         n_projections=args.n_projections,
-        regression_iterations=args.iterations,
+        regression_iterations=_iterations(args.iterations),
+        regression_time_budget=args.time_budget / 3,
         out_dir=args.out_dir,
         progress_bar=not args.no_progress,
     )
@@ -62,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="compare MAP, ExactLLA and ScaLLA on bundled data")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--n-features", type=int, default=128, help="surrogate features M")
-    demo.add_argument("--iterations", type=int, default=1500, help="kernel-matching steps")
+    demo.add_argument(
+        "--iterations", default="auto", help="kernel-matching steps, or 'auto' (time budget)"
+    )
+    demo.add_argument(
+        "--time-budget", type=float, default=60.0,
+        help="seconds of kernel matching per digits surrogate (a third for the regression)",
+    )
     demo.add_argument("--n-projections", type=int, default=8, help="tangents per step S")
     demo.add_argument("--out-dir", default=".", help="where the PNG is written")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
