@@ -29,7 +29,25 @@ __all__ = [
 ]
 
 
-class Likelihood(str, Enum):
+class _Option(str, Enum):
+    """A string option; ``parse`` accepts the member or its value, and names the valid ones."""
+
+    @classmethod
+    def parse(cls, value):
+        try:
+            return cls(value)
+        except ValueError:
+            options = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(
+                f"fastlla: unknown {cls._option_name()} {value!r}; use one of {options}"
+            ) from None
+
+    @classmethod
+    def _option_name(cls) -> str:
+        return "likelihood" if cls is Likelihood else "link_approx"
+
+
+class Likelihood(_Option):
     """Observation model of the network's outputs."""
 
     CLASSIFICATION = "classification"
@@ -37,16 +55,8 @@ class Likelihood(str, Enum):
     REGRESSION = "regression"
     """Gaussian ``N(f(x), σ² I)``; the GGN uses ``I/σ²``."""
 
-    @classmethod
-    def parse(cls, value: str | Likelihood) -> Likelihood:
-        try:
-            return cls(value)
-        except ValueError:
-            options = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"fastlla: unknown likelihood {value!r}; use one of {options}") from None
 
-
-class LinkApprox(str, Enum):
+class LinkApprox(_Option):
     """How ``E[softmax(f)]`` under ``f ~ N(μ, Σ)`` is approximated."""
 
     PROBIT = "probit"
@@ -55,14 +65,6 @@ class LinkApprox(str, Enum):
     """Mean of the Dirichlet given by the Laplace bridge (Hobbhahn et al., 2022)."""
     MC = "mc"
     """Monte-Carlo average of ``softmax`` over samples of ``N(μ, Σ)``."""
-
-    @classmethod
-    def parse(cls, value: str | LinkApprox) -> LinkApprox:
-        try:
-            return cls(value)
-        except ValueError:
-            options = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"fastlla: unknown link_approx {value!r}; use one of {options}") from None
 
 
 def probit(mean: Tensor, cov: Tensor) -> Tensor:

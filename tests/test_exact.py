@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fastlla import ExactLLA
+from testing import TwoInput
 from fastlla.exact import softmax_hessian_factor
 from fastlla.laplace import NotFittedError
 
@@ -56,19 +57,6 @@ class FrozenBN(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.bn(self.fc1(x))))
-
-
-class TwoInput(nn.Module):
-    """A forward taking two tensors (positional from a tuple, keyword from a dict)."""
-
-    def __init__(self, n_out=3):
-        super().__init__()
-        self.la = nn.Linear(3, 4)
-        self.lb = nn.Linear(2, 4, bias=False)
-        self.head = nn.Linear(4, n_out)
-
-    def forward(self, a, b):
-        return self.head(torch.tanh(self.la(a) + self.lb(b)))
 
 
 def make_model(kind: str, n_out: int, seed: int = 0) -> nn.Module:

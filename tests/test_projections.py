@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fastlla.functional import NetworkFunction
+from testing import TwoInput
 from fastlla.projections import ProjectionSampler, stack_rows
 
 DT = torch.float64
@@ -48,17 +49,6 @@ class FrozenBN(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.bn(self.fc1(x))))
-
-
-class TwoInput(nn.Module):
-    def __init__(self, n_out=3):
-        super().__init__()
-        self.la = nn.Linear(3, 4)
-        self.lb = nn.Linear(2, 4, bias=False)
-        self.head = nn.Linear(4, n_out)
-
-    def forward(self, a, b):
-        return self.head(torch.tanh(self.la(a) + self.lb(b)))
 
 
 def make(kind, input_kind="tensor", n=4, seed=0):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import fastlla._ops as ops
 
@@ -23,6 +23,7 @@ __all__ = [
     "strided",
     "random_factor",
     "make",
+    "TwoInput",
 ]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -74,3 +75,16 @@ def random_factor(m: int, dtype: torch.dtype, device: str, seed: int = 0) -> Ten
     x = make(m, m, dtype=torch.float64, device="cpu", seed=seed)
     a = x @ x.T / max(m, 1) + torch.eye(m, dtype=torch.float64)
     return torch.linalg.cholesky(a).to(device, dtype)
+
+
+class TwoInput(nn.Module):
+    """A forward taking two tensors (positional from a tuple, keyword from a dict)."""
+
+    def __init__(self, n_out: int = 3):
+        super().__init__()
+        self.la = nn.Linear(3, 4)
+        self.lb = nn.Linear(2, 4, bias=False)
+        self.head = nn.Linear(4, n_out)
+
+    def forward(self, a, b):
+        return self.head(torch.tanh(self.la(a) + self.lb(b)))
