@@ -57,14 +57,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
         # largest first, so the P = 10⁷ case runs whatever the load; ExactLLA and all/full at
         # P ≈ 10⁴ run on the CNN (same P) only
         "params": {"models": ["cnn", *reversed(_MLPS)], "methods": _ALL, "iterations": 20,
-                   "n_features": 128, "skip": {"mlp-1e4": ["exact", "la-all-full"]}},
+                   "n_features": 128, "skip": {"mlp-1e4": ["exact", "la-all-full"]},
+                   "skip_no_native": ["mlp-1e7"]},
         "data": {"n": [1000, 4000, 16000], "methods": ["scalla", "la-all-kron", "exact"],
                  "iterations": 20, "n_features": 128},
         "features": {"m": [32, 128, 512], "iterations": 20},
-        "fidelity": {"seconds": 55, "n_probe": 200, "n_features": 100, "batch_size": 64,
+        "fidelity": {"seconds": 50, "n_probe": 200, "n_features": 100, "batch_size": 64,
                      "points": 12},
-        "budgets": {"params": 265, "params-no-native": 60, "fidelity": 125, "data": 30,
-                    "features": 30},
+        "budgets": {"params": 300, "params-no-native": 40, "fidelity": 110, "data": 25,
+                    "features": 20},
     },
     "full": {
         "threads": 2, "latency_seconds": 10.0,

@@ -593,13 +593,28 @@ def run_case(benchmark, budget, section, s: Setting, method: Method, row: dict) 
             phi = la._surrogate_features(x)
         fns["cov_op"] = lambda: la.posterior.covariance(phi, la.prior_precision, la.data_scale)
     release_memory()
+    slow = cfg.get("latency_seconds", 5.0)
     with measure() as pm:
-        lat = latencies(fns, max_seconds=cfg.get("latency_seconds", 5.0))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            method.predict_cov(x)  # warm-up (one-time factorisations), timed
+        first = time.perf_counter() - t0
+        if first > slow:  # slow predictive: one more, steady-state call; probit not timed apart
+            fns.pop("probit")
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                method.predict_cov(x)
+            lat = {"cov": time.perf_counter() - t0}
+            lat.update(latencies({k: v for k, v in fns.items() if k != "cov"}, max_seconds=slow))
+        else:
+            lat = latencies(fns, max_seconds=slow)
+    lat["cov_first_call"] = first
     state = method.state_bytes()
     row.update(
         status="ok", fit_seconds=fit_s, fit_peak_bytes=peak, predict_peak_bytes=pm.peak_bytes,
         state_bytes=state["total"], state=state, latency=lat,
-        cov_over_map=lat["cov"] / lat["map"], probit_over_map=lat["probit"] / lat["map"],
+        cov_over_map=lat["cov"] / lat["map"],
+        probit_over_map=lat["probit"] / lat["map"] if "probit" in lat else None,
         **method.info(),
     )  # fmt: skip
     if "surrogate" in lat:

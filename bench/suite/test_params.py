@@ -40,8 +40,14 @@ def test_params(benchmark, budget, digits_flat, digits_img, model_key, method_ke
     method = bl.methods(s, [method_key])[0]
     benchmark.group = f"fit P≈{model_key}"
     row = {"section": SECTION, "model": model_key, "key": method_key}
-    if method_key in CFG["params"].get("skip", {}).get(model_key, []):
+    skip = CFG["params"].get("skip", {}).get(model_key, [])
+    if method_key == "scalla" and not bl._ops.NATIVE_LOADED:
+        skip = CFG["params"].get("skip_no_native", [])
+        skip = ["scalla"] if model_key in skip else []
+    if method_key in skip:
         bl.record({**row, "method": method.name, "family": method.family, "P": s.P,
-                   "status": "not run in this mode", "reason": "measured on the CNN (same P)"})
+                   "status": "not run in this mode",
+                   "reason": "measured on the CNN (same P)" if bl._ops.NATIVE_LOADED
+                   else "the reference ops take minutes at this P"})
         pytest.skip("not run in this mode")
     bl.run_case(benchmark, budget, SECTION, s, method, row)
