@@ -57,6 +57,9 @@ LAST_LAYER_MAX_FEATURES = 1024
 RESIDUAL_MODES = ("auto", False, None, "jvp", "head")
 #: ``iterations="auto"``: steps timed before the budget is set, and its bounds.
 AUTO_PROBE_STEPS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 10, 200, 20_000
+#: Steps at which the ``"auto"`` horizon is (re-)estimated: the first steps run slower (warm-up,
+#: allocator, lazy initialisation), so one early estimate alone under-fills the budget.
+AUTO_CHECKPOINTS = (AUTO_PROBE_STEPS, 5 * AUTO_PROBE_STEPS)
 
 
 class ScaLLA(LaplaceBase):
@@ -319,7 +322,7 @@ class ScaLLA(LaplaceBase):
         for step in itertools.count():
             if step >= horizon[0]:
                 break
-            if budget is not None and step == AUTO_PROBE_STEPS:
+            if budget is not None and step in AUTO_CHECKPOINTS:
                 horizon[0] = self._auto_iterations(budget, step)
                 bar.total = horizon[0]
                 bar.refresh()
@@ -374,14 +377,19 @@ class ScaLLA(LaplaceBase):
                     p.copy_(a)
 
     def _auto_iterations(self, budget: float, step: int) -> int:
-        """Steps that fit ``budget`` seconds at the speed of steps ``1..step`` (rank mean)."""
+        """Horizon that spends the rest of ``budget`` at the speed of steps ``2..step`` (rank mean).
+
+        The first two steps (warm-up) are left out of the speed estimate.
+        """
         h = self.history
-        per_step = (h[step - 1]["seconds"] - h[0]["seconds"]) / max(step - 1, 1)
+        elapsed = h[step - 1]["seconds"]
+        per_step = (elapsed - h[1]["seconds"]) / max(step - 2, 1)
         total, ranks = distributed.sum_over_ranks(
             torch.tensor(per_step, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
         )
         per_step = max(float(total / ranks), 1e-6)
-        return max(step + 1, min(AUTO_MAX_STEPS, max(AUTO_MIN_STEPS, int(budget / per_step))))
+        steps = step + max(budget - elapsed, 0.0) / per_step
+        return max(step + 1, min(AUTO_MAX_STEPS, max(AUTO_MIN_STEPS, int(steps))))
 
     def _residual_head_step(
         self, rhead: ResidualHead, opt: Any, x: Any, z: Tensor, phi: Tensor, first: bool

@@ -269,3 +269,14 @@ def test_auto_iterations_follow_the_time_budget():
         la.fit(loader, iterations="many", progress_bar=False)
     with pytest.raises(ValueError, match="time_budget"):
         la.fit(loader, iterations="auto", time_budget=0.0, progress_bar=False)
+
+
+def test_auto_iterations_fill_the_time_budget():
+    """Slow first steps must not make ``"auto"`` stop far short of its budget (re-estimated)."""
+    model, loader, _ = make_problem()
+    la = fastlla.ScaLLA(model, "classification", n_features=4)
+    budget = 4.0
+    la.fit(loader, iterations="auto", time_budget=budget, progress_bar=False)
+    trained = la.history[-1]["seconds"]
+    assert len(la.history) > 200 or trained > budget  # the lower bound alone would not do
+    assert 0.6 * budget < trained < 2.5 * budget
