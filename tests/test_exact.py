@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fastlla import ExactLLA
-from testing import TwoInput
+from testing import TwoInput, n_inputs, take
 from fastlla.exact import softmax_hessian_factor
 from fastlla.laplace import NotFittedError
 
@@ -81,20 +81,6 @@ def forward(model, x):
     if isinstance(x, dict):
         return model(**x)
     return model(*x)
-
-
-def take(x, i):
-    if isinstance(x, torch.Tensor):
-        return x[i : i + 1]
-    if isinstance(x, dict):
-        return {k: v[i : i + 1] for k, v in x.items()}
-    return tuple(v[i : i + 1] for v in x)
-
-
-def n_inputs(x):
-    if isinstance(x, torch.Tensor):
-        return x.shape[0]
-    return next(iter(x.values() if isinstance(x, dict) else x)).shape[0]
 
 
 def trainable(model):

@@ -24,6 +24,8 @@ __all__ = [
     "random_factor",
     "make",
     "TwoInput",
+    "take",
+    "n_inputs",
 ]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -88,3 +90,19 @@ class TwoInput(nn.Module):
 
     def forward(self, a, b):
         return self.head(torch.tanh(self.la(a) + self.lb(b)))
+
+
+# Oracle helpers, deliberately independent of fastlla.functional: input i of a batch (tensor,
+# tuple or dict) and the number of inputs.
+def take(x, i):
+    if isinstance(x, torch.Tensor):
+        return x[i : i + 1]
+    if isinstance(x, dict):
+        return {k: v[i : i + 1] for k, v in x.items()}
+    return tuple(v[i : i + 1] for v in x)
+
+
+def n_inputs(x):
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    return next(iter(x.values() if isinstance(x, dict) else x)).shape[0]
