@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fastlla import ExactLLA
-from testing import TwoInput, n_inputs, take
+from testing import TwoInput, call_model, n_inputs, oracle_jacobian
 from fastlla.exact import softmax_hessian_factor
 from fastlla.laplace import NotFittedError
 
@@ -75,38 +75,8 @@ def make_inputs(kind: str, input_kind: str, n: int, seed: int):
 
 
 # --------------------------------------------------------------------------- oracle
-def forward(model, x):
-    if isinstance(x, torch.Tensor):
-        return model(x)
-    if isinstance(x, dict):
-        return model(**x)
-    return model(*x)
-
-
 def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def oracle_jacobian(model, x) -> torch.Tensor:
-    """(N, C, P): one ``autograd.grad`` call per input and output."""
-    params = trainable(model)
-    rows = []
-    for i in range(n_inputs(x)):
-        with torch.enable_grad():
-            out = forward(model, take(x, i)).reshape(-1)
-            per_output = []
-            for c in range(out.numel()):
-                grads = torch.autograd.grad(out[c], params, retain_graph=True, allow_unused=True)
-                per_output.append(
-                    torch.cat(
-                        [
-                            (torch.zeros_like(p) if g is None else g).reshape(-1)
-                            for g, p in zip(grads, params)
-                        ]
-                    )
-                )
-        rows.append(torch.stack(per_output))
-    return torch.stack(rows)
 
 
 class Oracle:
@@ -115,7 +85,7 @@ class Oracle:
     def __init__(self, model, likelihood, X, y):
         self.model, self.likelihood = model, likelihood
         with torch.no_grad():
-            self.f = forward(model, X).reshape(n_inputs(X), -1)
+            self.f = call_model(model, X).reshape(n_inputs(X), -1)
         self.J = oracle_jacobian(model, X)
         N, C, P = self.J.shape
         self.P = P
@@ -222,7 +192,7 @@ def test_exact_matches_oracle(case, form):
 
     mean, cov = la.predictive_distribution(Xs)
     with torch.no_grad():
-        f_star = forward(model, Xs).reshape(5, -1)
+        f_star = call_model(model, Xs).reshape(5, -1)
     torch.testing.assert_close(mean, f_star, rtol=1e-12, atol=1e-12)
     assert cov.shape == (5, n_out, n_out)
     assert rel_err(cov, oracle.predictive_cov(Xs, delta, sigma)) < REL
@@ -389,7 +359,7 @@ def test_marglik_optimisation_with_sigma_noise():
 
 def oracle_probit_nll(oracle, Xv, yv, delta):
     with torch.no_grad():
-        f = forward(oracle.model, Xv)
+        f = call_model(oracle.model, Xv)
     var = torch.diagonal(oracle.predictive_cov(Xv, delta), dim1=-2, dim2=-1)
     logp = torch.log_softmax(f / torch.sqrt(1 + math.pi / 8 * var), -1)
     return float(-logp[torch.arange(len(yv)), yv].mean())

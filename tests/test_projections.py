@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastlla.functional import NetworkFunction
-from testing import TwoInput, n_inputs, take
+from testing import TwoInput, call_model, n_inputs, oracle_jacobian
 from fastlla.projections import ProjectionSampler, stack_rows
 
 DT = torch.float64
@@ -62,32 +62,8 @@ def make(kind, input_kind="tensor", n=4, seed=0):
     return model, ((a, b) if input_kind == "tuple" else {"a": a, "b": b})
 
 
-def forward(model, x):
-    if isinstance(x, torch.Tensor):
-        return model(x)
-    return model(**x) if isinstance(x, dict) else model(*x)
-
-
 def trainable_named(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def oracle_jacobian(model, x):
-    """(B, C, P) by per-input, per-output ``autograd.grad``."""
-    params = [p for _, p in trainable_named(model)]
-    rows = []
-    for i in range(n_inputs(x)):
-        out = forward(model, take(x, i)).reshape(-1)
-        per = []
-        for c in range(out.numel()):
-            grads = torch.autograd.grad(out[c], params, retain_graph=True, allow_unused=True)
-            per.append(
-                torch.cat(
-                    [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
-                )
-            )
-        rows.append(torch.stack(per))
-    return torch.stack(rows)
 
 
 def flatten_tangents(model, tangents):
@@ -114,7 +90,7 @@ def test_jvp_equals_jacobian_times_tangent(kind, input_kind, distribution):
         V = flatten_tangents(model, sampler.tangents(step, torch.device("cpu"), DT))
         f, z = sampler.project(x, step)
         with torch.no_grad():
-            torch.testing.assert_close(f, forward(model, x), rtol=1e-13, atol=1e-13)
+            torch.testing.assert_close(f, call_model(model, x), rtol=1e-13, atol=1e-13)
         assert z.shape == (5, n_inputs(x), 3)
         ref = torch.einsum("bcp,sp->sbc", J, V)
         torch.testing.assert_close(z, ref, rtol=1e-10, atol=1e-12)

@@ -26,6 +26,8 @@ __all__ = [
     "TwoInput",
     "take",
     "n_inputs",
+    "call_model",
+    "oracle_jacobian",
 ]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -106,3 +108,27 @@ def n_inputs(x):
     if isinstance(x, torch.Tensor):
         return x.shape[0]
     return next(iter(x.values() if isinstance(x, dict) else x)).shape[0]
+
+
+def call_model(model, x):
+    """``model(x)``, ``model(**x)`` or ``model(*x)`` for a tensor, dict or tuple batch."""
+    if isinstance(x, torch.Tensor):
+        return model(x)
+    return model(**x) if isinstance(x, dict) else model(*x)
+
+
+def oracle_jacobian(model, x) -> Tensor:
+    """(N, C, P): one ``autograd.grad`` call per input and output, over the trainable parameters
+    in the model's own order — the independent oracle of every Jacobian and JVP test."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(n_inputs(x)):
+        with torch.enable_grad():
+            out = call_model(model, take(x, i)).reshape(-1)
+            per_output = []
+            for c in range(out.numel()):
+                grads = torch.autograd.grad(out[c], params, retain_graph=True, allow_unused=True)
+                flat = [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
+                per_output.append(torch.cat(flat))
+        rows.append(torch.stack(per_output))
+    return torch.stack(rows)
