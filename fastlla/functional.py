@@ -138,8 +138,11 @@ class NetworkFunction:
         return out.unsqueeze(-1) if out.dim() == 1 else out
 
     def output(self, x: Inputs) -> Tensor:
+        """``f(x; θ*)`` as ``(B, C)``, no grad: the module itself runs (the same parameters as
+        ``self(self.params(), x)``, without ``functional_call``'s re-binding cost)."""
         with torch.no_grad():
-            return self(self.params(), x)
+            out = call_module(self.model, x)
+        return out.unsqueeze(-1) if out.dim() == 1 else out
 
     def jvp(self, x: Inputs, tangents: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Batched Jacobian–vector products.

@@ -7,7 +7,7 @@ GGN data term — and a way to turn test inputs into a ``C×C`` predictive covar
 predictive, saving) lives here once.
 
 Subclasses implement :meth:`_fit_posterior`, :meth:`_eigvals`, :meth:`_features` and
-:meth:`_covariance_from_features`.
+:meth:`_covariance_from_features` (and may override :meth:`_outputs_and_features`).
 """
 
 from __future__ import annotations
@@ -93,6 +93,12 @@ class LaplaceBase:
         self, features: Any, prior_precision: float, data_scale: float
     ) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _outputs_and_features(self, x: Any) -> tuple[Tensor, Any]:
+        """``f(x)`` and :meth:`_features` (a subclass may share one network pass between them)."""
+        with torch.no_grad():
+            f = self.network.output(x)
+        return f, self._features(x)
 
     # ------------------------------------------------------------------ data
     def _batches(self, loader: Iterable, name: str = "train_loader") -> Iterator[tuple]:
@@ -258,10 +264,9 @@ class LaplaceBase:
             raise ValueError("fastlla: the prior-precision grid is empty")
         cached = []
         for x, y in self._batches(val_loader, "val_loader"):
-            with torch.no_grad():
-                f = self.network.output(x)
+            f, feats = self._outputs_and_features(x)
             self._check_outputs(f, y)
-            cached.append((f, self._features(x), y))
+            cached.append((f, feats, y))
         best, best_nll = None, math.inf
         for delta in grid:
             delta = _positive_float("grid value", delta)
@@ -291,10 +296,9 @@ class LaplaceBase:
         self._check_fitted()
         x = to_device(x, self.device, self.dtype)
         check_finite("the inputs", x)
-        with torch.no_grad():
-            f = self.network.output(x)
+        f, feats = self._outputs_and_features(x)
         self._check_outputs(f)
-        cov = self._covariance_from_features(self._features(x), self.prior_precision, self.data_scale)
+        cov = self._covariance_from_features(feats, self.prior_precision, self.data_scale)
         return f, cov
 
     def __call__(

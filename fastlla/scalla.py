@@ -20,6 +20,7 @@ import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,12 +45,27 @@ from .surrogate import (
     Surrogate,
     check_surrogate_output,
     default_surrogate,
+    forward_with_penultimate,
     last_layer_surrogate,
     last_linear,
     surrogate_features,
 )
 
 __all__ = ["ScaLLA"]
+
+
+@dataclass
+class TestFeatures:
+    """What the predictive covariance needs about a batch of test inputs.
+
+    ``phi``: the features ``g(x)`` (B, M, C) — only the ``m`` learned ones when ``kron`` is set;
+    ``kron``: ``a = Uᵀψ(x)`` (B, k), the exact last-layer features ``a ⊗ I_C`` in factored form;
+    ``residual``: the residual prior block ``κ(x,x) − g(x)ᵀg(x)`` (B, C, C), or ``None``.
+    """
+
+    phi: Tensor
+    kron: Tensor | None = None
+    residual: Tensor | None = None
 
 #: ``last_layer="auto"`` keeps at most this many exact last-layer features.
 LAST_LAYER_MAX_FEATURES = 1024
@@ -413,7 +429,9 @@ class ScaLLA(LaplaceBase):
         distributed.average_gradients(list(rhead.parameters()))
         opt.step()
 
-    def _residual_block(self, x: Any, phi: Tensor, mode: str, n_projections: int = 64) -> Tensor:
+    def _residual_block(
+        self, x: Any, phi: Tensor, mode: str, n_projections: int = 64, psi: Tensor | None = None
+    ) -> Tensor:
         """``κ(x, x) − g(x)ᵀg(x)`` (B, C, C), made positive semi-definite.
 
         ``"head"`` reads the learned :class:`~fastlla.surrogate.ResidualHead`; ``"jvp"``
@@ -427,7 +445,7 @@ class ScaLLA(LaplaceBase):
                     "fastlla: residual_variance='head' needs a fit with that option "
                     "(the head is trained beside the surrogate)"
                 )
-            R = self.residual_head(x)
+            R = self.residual_head(x, psi)
             return R @ R.mT
         if mode != "jvp":
             raise ValueError(
@@ -435,7 +453,8 @@ class ScaLLA(LaplaceBase):
             )
         g = phi[:, : exact_block.n_learned] if exact_block is not None else phi
         p0 = next(iter(self.network.params().values()))
-        psi = exact_block.psi(x) if exact_block is not None else None
+        if exact_block is not None and psi is None:
+            psi = exact_block.psi(x)
         kappa, done = 0.0, 0
         while done < n_projections:
             n = min(16, n_projections - done)
@@ -569,24 +588,56 @@ class ScaLLA(LaplaceBase):
             return "head" if self.residual_head is not None else False
         return mode or False
 
-    def _features(self, x: Any) -> Tensor | tuple[Tensor, Tensor]:
-        """``g(x)`` (B, M, C); with a residual correction also its block (B, C, C)."""
+    def _outputs_and_features(self, x: Any) -> tuple[Tensor, TestFeatures]:
+        """``f(x)`` and :class:`TestFeatures`; the network runs once, also yielding ``ψ(x)``
+        for the exact last-layer block and the residual head."""
+        mode = self.residual_mode
+        exact = self.surrogate if isinstance(self.surrogate, LastLayerSurrogate) else None
+        head_name = exact.head_name if exact is not None else None
+        if mode == "head" and self.residual_head is not None:
+            head_name = self.residual_head.head_name
         with torch.no_grad():
-            phi = self._surrogate_features(x)
-            mode = self.residual_mode
-            if not mode:
-                return phi
-            return phi, self._residual_block(x, phi, mode)
+            if head_name is None:
+                f, psi = self.network.output(x), None
+            else:
+                bias = exact.has_bias if exact is not None else self.residual_head.has_bias
+                f, psi = forward_with_penultimate(
+                    self.model, head_name, x, bias, forward=lambda: self.network.output(x)
+                )
+            # finiteness is checked on the covariance (B·C² values, not B·M·C): NaN/Inf propagate
+            if exact is None:
+                phi = check_surrogate_output(
+                    surrogate_features(self.surrogate, x), x, self.n_outputs, finite=False
+                )
+                feats = TestFeatures(phi)
+            else:
+                learned = check_surrogate_output(
+                    surrogate_features(exact.learned, x), x, self.n_outputs, exact.n_learned,
+                    finite=False,
+                )
+                feats = TestFeatures(learned, kron=exact.coefficients(psi))
+            if mode:
+                feats.residual = self._residual_block(x, feats.phi, mode, psi=psi)
+        return f, feats
+
+    def _features(self, x: Any) -> TestFeatures:
+        return self._outputs_and_features(x)[1]
 
     def _covariance_from_features(
-        self, features: Tensor | tuple[Tensor, Tensor], prior_precision: float, data_scale: float
+        self, features: TestFeatures, prior_precision: float, data_scale: float
     ) -> Tensor:
         """``g(x)ᵀ A⁻¹ g(x)``, plus the residual prior variance ``r(x)/δ`` when it is on."""
-        if isinstance(features, tuple):
-            phi, residual = features
-            cov = self.posterior.covariance(phi, prior_precision, data_scale)
-            return cov + residual.to(cov.dtype) / prior_precision
-        return self.posterior.covariance(features, prior_precision, data_scale)
+        cov = self.posterior.covariance(features.phi, prior_precision, data_scale, features.kron)
+        if features.residual is not None:
+            cov = cov + features.residual.to(cov.dtype) / prior_precision
+        if not torch.isfinite(cov).all():
+            if not torch.isfinite(features.phi).all():
+                raise ValueError("fastlla: the surrogate's output contains NaN or Inf")
+            raise ValueError(
+                "fastlla: the predictive covariance contains NaN or Inf (check the network's "
+                "penultimate features and the prior precision)"
+            )
+        return cov
 
     # ------------------------------------------------------------------ diagnostics
     def kernel_fidelity(

@@ -128,9 +128,13 @@ class LastLayerSurrogate(nn.Module):
         """``ψ(x) = [φ(x); 1]`` (B, h+1) of the network itself (no gradient)."""
         return penultimate(self._model[0], self.head_name, x, self.has_bias).to(self.basis.dtype)
 
+    def coefficients(self, psi: Tensor) -> Tensor:
+        """``a = Uᵀψ`` (B, k): the exact features are ``a ⊗ I_C``."""
+        return psi.to(self.basis.dtype) @ self.basis
+
     def exact_features(self, x: Any, psi: Tensor | None = None) -> Tensor:
         """``(Uᵀψ(x)) ⊗ I_C`` as (B, k·C, C)."""
-        a = (self.psi(x) if psi is None else psi) @ self.basis  # (B, k)
+        a = self.coefficients(self.psi(x) if psi is None else psi)  # (B, k)
         eye = torch.eye(self.n_outputs, dtype=a.dtype, device=a.device)
         B = a.shape[0]
         return (a[:, :, None, None] * eye).reshape(B, self.rank * self.n_outputs, self.n_outputs)
@@ -169,19 +173,30 @@ class LastLayerSurrogate(nn.Module):
 
 def penultimate(model: nn.Module, head_name: str, x: Any, bias: bool = True) -> Tensor:
     """``[φ(x); 1]`` (or ``φ(x)``): the input of the module ``head_name`` of ``model``, no grad."""
+    return forward_with_penultimate(model, head_name, x, bias)[1]
+
+
+def forward_with_penultimate(
+    model: nn.Module, head_name: str, x: Any, bias: bool = True, forward: Any = None
+) -> tuple[Any, Tensor]:
+    """The network's output and ``[φ(x); 1]`` (or ``φ(x)``) from one forward pass, no grad.
+
+    ``forward()`` runs the network (default ``call_module(model, x)``); a hook on the module
+    ``head_name`` reads its input on the way.
+    """
     captured: list[Tensor] = []
     handle = model.get_submodule(head_name).register_forward_pre_hook(
         lambda mod, args: captured.append(args[0])
     )
     try:
         with torch.no_grad():
-            call_module(model, x)
+            out = forward() if forward is not None else call_module(model, x)
     finally:
         handle.remove()
     phi = captured[-1].reshape(captured[-1].shape[0], -1)
     if bias:
         phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], dim=1)
-    return phi
+    return out, phi
 
 
 class ResidualHead(nn.Module):
@@ -255,8 +270,11 @@ def last_layer_surrogate(
     return out.to(device=linear.weight.device, dtype=linear.weight.dtype).eval()
 
 
-def check_surrogate_output(out: Any, x: Any, n_outputs: int, n_features: int | None = None) -> Tensor:
-    """Validate that a surrogate returned ``(B, M, C)`` finite values for the batch ``x``."""
+def check_surrogate_output(
+    out: Any, x: Any, n_outputs: int, n_features: int | None = None, finite: bool = True
+) -> Tensor:
+    """Validate that a surrogate returned ``(B, M, C)`` (finite, unless ``finite=False``: a
+    caller that checks what it computes from them instead) values for the batch ``x``."""
     B = batch_size(x)
     if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[0] != B or out.shape[2] != n_outputs:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -267,7 +285,7 @@ def check_surrogate_output(out: Any, x: Any, n_outputs: int, n_features: int | N
         raise ValueError(
             f"fastlla: the surrogate returned M = {out.shape[1]} features, expected {n_features}"
         )
-    if not torch.isfinite(out).all():
+    if finite and not torch.isfinite(out).all():
         raise ValueError("fastlla: the surrogate's output contains NaN or Inf")
     return out
 

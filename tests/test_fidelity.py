@@ -238,11 +238,13 @@ def test_residual_variance_auto_is_the_head_when_one_was_trained():
     model, loader, x = make_problem()
     la = fastlla.ScaLLA(model, "classification", n_features=3)
     la.fit(loader, iterations=0, progress_bar=False)
-    assert la.residual_mode is False and isinstance(la._features(x), torch.Tensor)
+    assert la.residual_mode is False and la._features(x).residual is None
     la.fit(loader, iterations=3, progress_bar=False)
     assert la.residual_mode == "head"
-    phi, r = la._features(x)
-    assert phi.shape == (x.shape[0], la.n_features, 3) and r.shape == (x.shape[0], 3, 3)
+    feats = la._features(x)
+    k = 0 if feats.kron is None else feats.kron.shape[1]
+    assert feats.phi.shape[1] + k * 3 == la.n_features
+    assert feats.residual.shape == (x.shape[0], 3, 3)
 
 
 def test_residual_variance_auto_is_off_for_regression():

@@ -198,3 +198,31 @@ def test_posterior_symmetrises_and_checks_h():
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError):
         FeaturePosterior(bad)
+
+
+@pytest.mark.parametrize("m, k, C", [(4, 3, 2), (1, 1, 1), (5, 2, 3)])
+def test_kron_covariance_matches_the_formed_features(m, k, C):
+    """Features [G; a ⊗ I_C] in factored form give the explicit-inverse covariance of the
+    formed (B, m + k·C, C) features, for several (δ, s), and follow updates of H."""
+    g = torch.Generator().manual_seed(11)
+    M = m + k * C
+    X = torch.randn(3 * M, M, generator=g, dtype=DT)
+    H = X.mT @ X
+    post = FeaturePosterior(H)
+    G = torch.randn(5, m, C, generator=g, dtype=DT)
+    a = torch.randn(5, k, generator=g, dtype=DT)
+    eye = torch.eye(C, dtype=DT)
+    formed = torch.cat([G, (a[:, :, None, None] * eye).reshape(5, k * C, C)], dim=1)
+    for delta, s in ((0.3, 1.0), (4.0, 2.5), (0.3, 1.0)):
+        ref = explicit_cov(post.H, formed, delta, s)
+        torch.testing.assert_close(post.covariance(G, delta, s, kron=a), ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            post.variance(G, delta, s, kron=a), torch.diagonal(ref, dim1=-2, dim2=-1),
+            rtol=1e-9, atol=1e-12,
+        )
+    W = torch.randn(M, 2, generator=g, dtype=DT)
+    post.update(W)
+    ref = explicit_cov(H + W @ W.mT, formed, 0.3, 1.0)
+    torch.testing.assert_close(post.covariance(G, 0.3, 1.0, kron=a), ref, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="Kronecker"):
+        post.covariance(G, 0.3, 1.0, kron=a[:, :-1] if k > 1 else a[:-1])

@@ -115,6 +115,40 @@ def test_kernel_matching_loss_equals_authors_materialised_loss(n_train):
 
 
 # --------------------------------------------------------------------------- training
+@pytest.mark.parametrize("residual", [False, "head", "jvp"])
+@pytest.mark.parametrize("rank", [True, 4])
+def test_predictive_with_factored_last_layer_equals_the_formed_features(residual, rank):
+    """The predictive path (one network pass, exact last-layer block kept as a ⊗ I_C) gives
+    the covariance of the fully formed features g(x) through the dense Cholesky solve."""
+    model, loader, x_test = make_problem("classification")
+    la = fastlla.ScaLLA(model, "classification", n_features=5, last_layer=rank,
+                        residual_variance=residual, prior_precision=0.7)
+    la.fit(loader, iterations=3, progress_bar=False)
+    f, cov = la.predictive_distribution(x_test)
+    feats = la._features(x_test)
+    assert feats.kron is not None and feats.phi.shape[1] == 5
+    with torch.no_grad():
+        phi = la._surrogate_features(x_test)  # (B, 5 + k·C, C), formed
+        dense = la.posterior.covariance(phi, 0.7, la.data_scale)
+        if residual == "head":
+            R = la.residual_head(x_test)  # ψ through its own forward pass
+            dense = dense + R @ R.mT / 0.7
+        elif residual == "jvp":
+            dense = dense + la._residual_block(x_test, phi, "jvp") / 0.7
+    torch.testing.assert_close(f, model(x_test).detach(), rtol=0, atol=0)
+    torch.testing.assert_close(cov, dense, rtol=1e-9, atol=1e-12)
+
+
+def test_non_finite_surrogate_at_prediction_is_refused_clearly():
+    model, loader, x_test = make_problem("classification")
+    la = fastlla.ScaLLA(model, "classification", n_features=5)
+    la.fit(loader, iterations=2, progress_bar=False)
+    with torch.no_grad():
+        next(la.surrogate.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="surrogate's output contains NaN"):
+        la.predictive_distribution(x_test)
+
+
 def test_training_reduces_kernel_error():
     model, loader, x_test = make_problem("classification", n=64)
     errors = []
