@@ -183,6 +183,12 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
     "lastlayer_mixup": ({"last_layer": True, "augment": "mixup"}, {"n_projections": 8}),
     "lastlayer_s32_mixup": ({"last_layer": True, "augment": "mixup"}, {"n_projections": 32}),
     "mixup": ({"last_layer": False, "augment": "mixup"}, {"n_projections": 8}),
+    # a hidden layer in the surrogate's head; 1-pixel shifted training images
+    "lastlayer_head512": ({"last_layer": True, "head_width": 512}, {"n_projections": 8}),
+    "lastlayer_head512_shift": (
+        {"last_layer": True, "head_width": 512, "augment": "shift"}, {"n_projections": 8}
+    ),
+    "lastlayer_shift": ({"last_layer": True, "augment": "shift"}, {"n_projections": 8}),
     # equal JVP cost to the S=8 runs: a quarter of the steps
     "s32_eqcost": ({"last_layer": False}, {"n_projections": 32, "iter_scale": 0.25}),
     "lastlayer_s32_eqcost": ({"last_layer": True}, {"n_projections": 32, "iter_scale": 0.25}),
@@ -199,7 +205,16 @@ def mixup(x: torch.Tensor, step: int) -> torch.Tensor:
     return torch.cat([x[n:], mixed])
 
 
-AUGMENTS = {"mixup": mixup}
+def shift(x: torch.Tensor, step: int) -> torch.Tensor:
+    """Every image of the batch cyclically shifted by its own random (dx, dy) ∈ {−1, 0, 1}²."""
+    g = torch.Generator().manual_seed(20_000 + step)
+    img = x.reshape(x.shape[0], -1, 8, 8)
+    d = torch.randint(-1, 2, (x.shape[0], 2), generator=g)
+    out = torch.stack([torch.roll(im, (int(a), int(b)), (1, 2)) for im, (a, b) in zip(img, d)])
+    return out.reshape(x.shape)
+
+
+AUGMENTS = {"mixup": mixup, "shift": shift}
 
 
 SPLIT_TENSORS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
@@ -264,6 +279,7 @@ def run_config(name, ds, model, probe, iterations, every, seed=0, log=print, thr
     init, fit = (dict(d) for d in CONFIGS[name])
     batch = init.pop("batch_size", 64)
     n_features = init.pop("n_features", 100)
+    init.setdefault("head_width", 0)  # the configurations predate head_width; they name it
     fresh = init.pop("fresh_trunk", False)
     augment = AUGMENTS[init.pop("augment")] if "augment" in init else None
     scale = fit.pop("iter_scale", 1.0)

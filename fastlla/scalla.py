@@ -67,6 +67,8 @@ class TestFeatures:
     kron: Tensor | None = None
     residual: Tensor | None = None
 
+#: Default hidden width of the surrogate's head (0: linear); see ``head_width``.
+HEAD_WIDTH = 0
 #: ``last_layer="auto"`` keeps at most this many exact last-layer features.
 LAST_LAYER_MAX_FEATURES = 1024
 #: Accepted values of ``residual_variance``.
@@ -115,6 +117,10 @@ class ScaLLA(LaplaceBase):
         0.84–0.94 of exact LLA's to 0.98–1.01 and its test NLL from 2–12% to within 1% of exact
         LLA's (``bench/fidelity/RESULTS.md``). It can be switched after ``fit`` by setting the
         attribute (``"head"`` needs a trained head).
+    head_width : hidden units of the default surrogate's head (``0``: a linear head from the
+        trunk's penultimate features). The linear head makes every feature a linear map of the
+        network's ``h``-unit penultimate layer (48 on the digits CNN), which caps how well the
+        kernel can be fitted even on noise-free targets (``bench/fidelity/RESULTS.md``).
     """
 
     def __init__(
@@ -128,6 +134,7 @@ class ScaLLA(LaplaceBase):
         seed: int = 0,
         last_layer: bool | int | str = "auto",
         residual_variance: bool | str = "auto",
+        head_width: int = HEAD_WIDTH,
     ):
         super().__init__(model, likelihood, prior_precision, sigma_noise)
         if last_layer != "auto" and not isinstance(last_layer, (bool, int)):
@@ -150,6 +157,9 @@ class ScaLLA(LaplaceBase):
             raise ValueError(f"fastlla: n_features must be at least 1, got {n_features}")
         self.n_features = int(n_features)
         self.n_learned = int(n_features)  # learned features; n_features becomes the total
+        if int(head_width) < 0:
+            raise ValueError(f"fastlla: head_width must be >= 0, got {head_width}")
+        self.head_width = int(head_width)
         self.surrogate = surrogate.eval() if surrogate is not None else None
         self.seed = int(seed)
         self.posterior: FeaturePosterior | None = None
@@ -181,12 +191,13 @@ class ScaLLA(LaplaceBase):
             last_layer = self.last_layer_used = self._resolve_last_layer(n_outputs, context)
             if last_layer is False:
                 self.surrogate = default_surrogate(
-                    self.model, self.n_learned, n_outputs, self.network.n_params
+                    self.model, self.n_learned, n_outputs, self.network.n_params, self.head_width
                 )
             else:
                 rank = None if last_layer is True else int(last_layer)
                 self.surrogate = last_layer_surrogate(
-                    self.model, self.n_learned, n_outputs, self.network.n_params, rank
+                    self.model, self.n_learned, n_outputs, self.network.n_params, rank,
+                    self.head_width,
                 )
         return self.surrogate
 
@@ -694,6 +705,7 @@ class ScaLLA(LaplaceBase):
             n_features=self.n_features,
             n_learned=self.n_learned,
             last_layer=getattr(self, "last_layer_used", self.last_layer),
+            head_width=self.head_width,
             seed=self.seed,
             surrogate=self.surrogate.state_dict(),
             residual_head=None if self.residual_head is None else self.residual_head.state_dict(),
@@ -707,6 +719,7 @@ class ScaLLA(LaplaceBase):
         self.n_features = state["n_features"]
         self.n_learned = state.get("n_learned", self.n_features)
         self.last_layer = state.get("last_layer", self.last_layer)
+        self.head_width = state.get("head_width", 0)
         self.seed = state["seed"]
         if self.surrogate is None:
             self._ensure_surrogate(self.n_outputs)

@@ -3,14 +3,18 @@
 Any ``nn.Module`` mapping a batch to ``(B, M, C)`` can serve. :func:`default_surrogate` builds
 one from the user's network: a copy of its trunk (everything before its last ``nn.Linear``,
 warm-started from the network's own weights, since the NTK is largely a function of the
-network's own features) plus a new linear head to ``M·C`` outputs, times a scale set so the
-surrogate's kernel starts at the NTK's magnitude (``√(P/M)`` before calibration on data).
+network's own features) plus a new head to ``M·C`` outputs (linear, or with a hidden layer of
+``head_width`` units), times a scale set so the surrogate's kernel starts at the NTK's
+magnitude (``√(P/M)`` before calibration on data).
 
 Choosing ``M`` (``n_features``): the posterior lives in ``M`` dimensions, so it costs ``O(M²)``
 memory and ``O(M³)`` once per fit; predictive cost is ``O(M²C)`` per input. The kernel error
-of the learned surrogate is limited mostly by the noise of the projected targets, not by ``M``
-(on the digits CNN ``M = 50…200`` reached the same held-out error), while the predictive
-variance keeps more of exact LLA's as ``M`` grows. 128 is the default; use 256–512 when the
+of the learned surrogate is not limited by ``M`` (on the digits CNN ``M = 50…200`` reached the
+same held-out error) but by the surrogate itself and the noise of the projected targets: with a
+linear head every feature is a linear map of the trunk's penultimate layer (48 units on the
+digits CNN), which even noise-free targets cannot fit below 0.125 held-out (a hidden head layer:
+0.10; ``bench/fidelity/subspace_distill.py``). The predictive variance keeps more of exact
+LLA's as ``M`` grows. 128 is the default; use 256–512 when the
 predictive variance matters more than speed, and keep ``M`` well below ``N·C``.
 
 By default (``ScaLLA(last_layer="auto")``) :class:`LastLayerSurrogate` adds, beside the ``M``
@@ -56,13 +60,28 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 class Surrogate(nn.Module):
-    """``g(x) = output_scale · head(trunk(x))`` reshaped to ``(B, M, C)``."""
+    """``g(x) = output_scale · head(trunk(x))`` reshaped to ``(B, M, C)``.
 
-    def __init__(self, trunk: nn.Module, n_hidden: int, n_features: int, n_outputs: int):
+    ``head_width = 0``: a linear head; ``w > 0``: ``Linear(n_hidden → w) · ReLU · Linear(w → M·C)``.
+    """
+
+    def __init__(
+        self, trunk: nn.Module, n_hidden: int, n_features: int, n_outputs: int, head_width: int = 0
+    ):
         super().__init__()
         self.trunk = trunk
         self.n_features, self.n_outputs = n_features, n_outputs
-        self.head = nn.Linear(n_hidden, n_features * n_outputs)
+        self.head_width = int(head_width)
+        if self.head_width < 0:
+            raise ValueError(f"fastlla: head_width must be >= 0, got {head_width}")
+        out = n_features * n_outputs
+        self.head = (
+            nn.Linear(n_hidden, out)
+            if self.head_width == 0
+            else nn.Sequential(
+                nn.Linear(n_hidden, self.head_width), nn.ReLU(), nn.Linear(self.head_width, out)
+            )
+        )
         self.register_buffer("output_scale", torch.tensor(1.0))
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -232,8 +251,11 @@ class ResidualHead(nn.Module):
         return self.net(psi.to(self.output_scale.dtype)).view(-1, C, C) * self.output_scale
 
 
-def default_surrogate(model: nn.Module, n_features: int, n_outputs: int, n_params: int) -> Surrogate:
-    """The trunk of ``model`` (copied, trainable) plus a head to ``n_features × n_outputs``."""
+def default_surrogate(
+    model: nn.Module, n_features: int, n_outputs: int, n_params: int, head_width: int = 0
+) -> Surrogate:
+    """The trunk of ``model`` (copied, trainable) plus a head to ``n_features × n_outputs``
+    (linear, or with one hidden layer of ``head_width`` units)."""
     if n_features < 1:
         raise ValueError(f"fastlla: n_features must be at least 1, got {n_features}")
     trunk = copy.deepcopy(model)
@@ -247,7 +269,7 @@ def default_surrogate(model: nn.Module, n_features: int, n_outputs: int, n_param
     setattr(parent, attr, nn.Identity())
     for p in trunk.parameters():
         p.requires_grad_(True)
-    surrogate = Surrogate(trunk, linear.in_features, n_features, n_outputs)
+    surrogate = Surrogate(trunk, linear.in_features, n_features, n_outputs, head_width)
     p0 = linear.weight
     surrogate = surrogate.to(device=p0.device, dtype=p0.dtype).eval()
     surrogate.output_scale.fill_(math.sqrt(n_params / n_features))
@@ -255,7 +277,8 @@ def default_surrogate(model: nn.Module, n_features: int, n_outputs: int, n_param
 
 
 def last_layer_surrogate(
-    model: nn.Module, n_features: int, n_outputs: int, n_params: int, rank: int | None = None
+    model: nn.Module, n_features: int, n_outputs: int, n_params: int, rank: int | None = None,
+    head_width: int = 0,
 ) -> LastLayerSurrogate:
     """:func:`default_surrogate` for the learned features plus the exact last-layer block."""
     name, linear = last_linear(model)
@@ -265,7 +288,7 @@ def last_layer_surrogate(
             "fastlla: the exact last-layer block needs the last nn.Linear's parameters to be "
             "trainable (requires_grad); pass last_layer=False"
         )
-    learned = default_surrogate(model, n_features, n_outputs, n_params)
+    learned = default_surrogate(model, n_features, n_outputs, n_params, head_width)
     out = LastLayerSurrogate(learned, model, name, rank)
     return out.to(device=linear.weight.device, dtype=linear.weight.dtype).eval()
 

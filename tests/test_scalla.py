@@ -149,6 +149,29 @@ def test_non_finite_surrogate_at_prediction_is_refused_clearly():
         la.predictive_distribution(x_test)
 
 
+def test_head_width_adds_a_hidden_layer_that_saves_and_exports():
+    import copy
+
+    from fastlla.export import Predictor
+
+    model, loader, x_test = make_problem("classification")
+    la = fastlla.ScaLLA(model, "classification", n_features=4, head_width=6)
+    la.fit(loader, iterations=3, progress_bar=False)
+    head = getattr(la.surrogate, "learned", la.surrogate).head
+    assert isinstance(head, nn.Sequential) and head[0].out_features == 6
+    cov = la.predictive_distribution(x_test)[1]
+    other = fastlla.ScaLLA(model, "classification", n_features=4)  # built from the saved state
+    other.load_state_dict(la.state_dict())
+    assert other.head_width == 6
+    torch.testing.assert_close(other.predictive_distribution(x_test)[1], cov)
+    fresh = Predictor.like(copy.deepcopy(model), "classification", n_outputs=3, n_features=4,
+                           head_width=6, predictor_options={"output": "gaussian"})
+    fresh.load_state_dict(la.export(output="gaussian").state_dict())
+    torch.testing.assert_close(fresh(x_test)[1], cov, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="head_width"):
+        fastlla.ScaLLA(model, "classification", head_width=-1)
+
+
 def test_training_reduces_kernel_error():
     model, loader, x_test = make_problem("classification", n=64)
     errors = []
