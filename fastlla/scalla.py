@@ -67,8 +67,8 @@ class TestFeatures:
     kron: Tensor | None = None
     residual: Tensor | None = None
 
-#: Default hidden width of the surrogate's head (0: linear); see ``head_width``.
-HEAD_WIDTH = 0
+#: ``head_width="auto"``: a hidden head layer this wide when the penultimate layer is narrower.
+HEAD_WIDTH = 512
 #: ``last_layer="auto"`` keeps at most this many exact last-layer features.
 LAST_LAYER_MAX_FEATURES = 1024
 #: Accepted values of ``residual_variance``.
@@ -118,9 +118,12 @@ class ScaLLA(LaplaceBase):
         LLA's (``bench/fidelity/RESULTS.md``). It can be switched after ``fit`` by setting the
         attribute (``"head"`` needs a trained head).
     head_width : hidden units of the default surrogate's head (``0``: a linear head from the
-        trunk's penultimate features). The linear head makes every feature a linear map of the
-        network's ``h``-unit penultimate layer (48 on the digits CNN), which caps how well the
-        kernel can be fitted even on noise-free targets (``bench/fidelity/RESULTS.md``).
+        trunk's ``h`` penultimate features). A linear head makes every feature a linear map of
+        those ``h`` units (48 on the digits CNN), which caps how well the kernel can be fitted
+        even on noise-free targets; ``"auto"`` (default) adds a hidden layer of 512 units when
+        ``h < 512``. On the digits CNN it lowered the held-out kernel error at equal wall
+        time from 0.150 to 0.134 (3 min) and reached 0.132 vs 0.140 in 6 min
+        (``bench/fidelity/RESULTS.md``).
     """
 
     def __init__(
@@ -134,7 +137,7 @@ class ScaLLA(LaplaceBase):
         seed: int = 0,
         last_layer: bool | int | str = "auto",
         residual_variance: bool | str = "auto",
-        head_width: int = HEAD_WIDTH,
+        head_width: int | str = "auto",
     ):
         super().__init__(model, likelihood, prior_precision, sigma_noise)
         if last_layer != "auto" and not isinstance(last_layer, (bool, int)):
@@ -157,9 +160,13 @@ class ScaLLA(LaplaceBase):
             raise ValueError(f"fastlla: n_features must be at least 1, got {n_features}")
         self.n_features = int(n_features)
         self.n_learned = int(n_features)  # learned features; n_features becomes the total
-        if int(head_width) < 0:
-            raise ValueError(f"fastlla: head_width must be >= 0, got {head_width}")
-        self.head_width = int(head_width)
+        if head_width != "auto" and (
+            isinstance(head_width, bool) or not isinstance(head_width, int) or head_width < 0
+        ):
+            raise ValueError(
+                f"fastlla: head_width must be 'auto' or an int >= 0, got {head_width!r}"
+            )
+        self.head_width = head_width
         self.surrogate = surrogate.eval() if surrogate is not None else None
         self.seed = int(seed)
         self.posterior: FeaturePosterior | None = None
@@ -185,19 +192,31 @@ class ScaLLA(LaplaceBase):
         k = LAST_LAYER_MAX_FEATURES // n_outputs
         return k if k >= 2 else False
 
+    def _resolve_head_width(self) -> int:
+        """What ``head_width="auto"`` means for this model (see the class docstring)."""
+        if self.head_width != "auto":
+            return int(self.head_width)
+        try:
+            hidden = last_linear(self.model)[1].in_features
+        except ValueError:
+            return 0
+        self.head_width = HEAD_WIDTH if hidden < HEAD_WIDTH else 0
+        return self.head_width
+
     def _ensure_surrogate(self, n_outputs: int, context: bool = False) -> nn.Module:
         if self.surrogate is None:
             torch.manual_seed(self.seed)
             last_layer = self.last_layer_used = self._resolve_last_layer(n_outputs, context)
             if last_layer is False:
                 self.surrogate = default_surrogate(
-                    self.model, self.n_learned, n_outputs, self.network.n_params, self.head_width
+                    self.model, self.n_learned, n_outputs, self.network.n_params,
+                    self._resolve_head_width(),
                 )
             else:
                 rank = None if last_layer is True else int(last_layer)
                 self.surrogate = last_layer_surrogate(
                     self.model, self.n_learned, n_outputs, self.network.n_params, rank,
-                    self.head_width,
+                    self._resolve_head_width(),
                 )
         return self.surrogate
 
@@ -705,7 +724,9 @@ class ScaLLA(LaplaceBase):
             n_features=self.n_features,
             n_learned=self.n_learned,
             last_layer=getattr(self, "last_layer_used", self.last_layer),
-            head_width=self.head_width,
+            head_width=getattr(
+                getattr(self.surrogate, "learned", self.surrogate), "head_width", 0
+            ),
             seed=self.seed,
             surrogate=self.surrogate.state_dict(),
             residual_head=None if self.residual_head is None else self.residual_head.state_dict(),
@@ -719,7 +740,7 @@ class ScaLLA(LaplaceBase):
         self.n_features = state["n_features"]
         self.n_learned = state.get("n_learned", self.n_features)
         self.last_layer = state.get("last_layer", self.last_layer)
-        self.head_width = state.get("head_width", 0)
+        self.head_width = int(state.get("head_width", 0))
         self.seed = state["seed"]
         if self.surrogate is None:
             self._ensure_surrogate(self.n_outputs)
