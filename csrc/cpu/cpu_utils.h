@@ -14,7 +14,8 @@
 // dispatch on an ISA level) the attribute is empty.
 #if defined(__GNUC__) && __GNUC__ >= 12 && !defined(__clang__) && defined(__x86_64__) && \
     defined(__linux__)
-#define FASTLLA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FASTLLA_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTLLA_CPU_CLONES
 #endif
