@@ -55,7 +55,7 @@ __all__ = ["ScaLLA"]
 
 
 @dataclass
-class TestFeatures:
+class PredictiveFeatures:
     """What the predictive covariance needs about a batch of test inputs.
 
     ``phi``: the features ``g(x)`` (B, M, C) — only the ``m`` learned ones when ``kron`` is set;
@@ -66,6 +66,7 @@ class TestFeatures:
     phi: Tensor
     kron: Tensor | None = None
     residual: Tensor | None = None
+
 
 #: ``head_width="auto"``: a hidden head layer this wide when the penultimate layer is narrower.
 HEAD_WIDTH = 512
@@ -618,8 +619,8 @@ class ScaLLA(LaplaceBase):
             return "head" if self.residual_head is not None else False
         return mode or False
 
-    def _outputs_and_features(self, x: Any) -> tuple[Tensor, TestFeatures]:
-        """``f(x)`` and :class:`TestFeatures`; the network runs once, also yielding ``ψ(x)``
+    def _outputs_and_features(self, x: Any) -> tuple[Tensor, PredictiveFeatures]:
+        """``f(x)`` and :class:`PredictiveFeatures`; the network runs once, also yielding ``ψ(x)``
         for the exact last-layer block and the residual head."""
         mode = self.residual_mode
         exact = self.surrogate if isinstance(self.surrogate, LastLayerSurrogate) else None
@@ -639,22 +640,22 @@ class ScaLLA(LaplaceBase):
                 phi = check_surrogate_output(
                     surrogate_features(self.surrogate, x), x, self.n_outputs, finite=False
                 )
-                feats = TestFeatures(phi)
+                feats = PredictiveFeatures(phi)
             else:
                 learned = check_surrogate_output(
                     surrogate_features(exact.learned, x), x, self.n_outputs, exact.n_learned,
                     finite=False,
                 )
-                feats = TestFeatures(learned, kron=exact.coefficients(psi))
+                feats = PredictiveFeatures(learned, kron=exact.coefficients(psi))
             if mode:
                 feats.residual = self._residual_block(x, feats.phi, mode, psi=psi)
         return f, feats
 
-    def _features(self, x: Any) -> TestFeatures:
+    def _features(self, x: Any) -> PredictiveFeatures:
         return self._outputs_and_features(x)[1]
 
     def _covariance_from_features(
-        self, features: TestFeatures, prior_precision: float, data_scale: float
+        self, features: PredictiveFeatures, prior_precision: float, data_scale: float
     ) -> Tensor:
         """``g(x)ᵀ A⁻¹ g(x)``, plus the residual prior variance ``r(x)/δ`` when it is on."""
         cov = self.posterior.covariance(features.phi, prior_precision, data_scale, features.kron)
