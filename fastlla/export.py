@@ -8,9 +8,11 @@ only,
   ``+ σ²I`` for regression with ``include_noise``) — ``output="gaussian"``;
 * or class probabilities — ``output="probit"`` or ``"bridge"`` (classification).
 
-It does not import or call the estimator: the forward is one network pass, one surrogate pass and
-a triangular solve (``torch.linalg.solve_triangular``; ``ops="fastlla"`` uses the fused
-``fastlla::predictive_covariance`` op instead, which needs ``import fastlla`` where it runs).
+It does not import or call the estimator: the forward is the network (and its trunk, for the
+penultimate features), one surrogate pass and a triangular solve
+(``torch.linalg.solve_triangular``; ``ops="fastlla"`` uses the fused
+``fastlla::predictive_covariance`` op instead, which needs ``import fastlla`` where it runs);
+the exact last-layer block stays in factored form, as in ``ScaLLA``'s own predictive.
 It works under ``torch.compile(fullgraph=True)`` and ``torch.export.export``, and saves and loads
 with ``torch.save(predictor.state_dict())`` into a predictor built from fresh modules of the same
 architecture::
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .posterior import kron_covariance
 from .predictive import Likelihood, laplace_bridge, probit
 from .surrogate import LastLayerSurrogate, ResidualHead
 
@@ -57,7 +60,9 @@ class Predictor(nn.Module):
     include_noise : add ``σ² I`` to the covariance (regression).
     ops : ``"torch"`` (pure torch ops) or ``"fastlla"`` (the fused custom op).
 
-    Buffers: ``scale_tril`` (``L``, ``M×M``), ``prior_precision``, ``sigma_noise``.
+    Buffers: ``scale_tril`` (``L``, ``M×M``; with the exact last-layer block the factor
+    ``L_ll`` of the learned block, beside ``kron_T_e`` and ``kron_T_l``, see
+    :func:`fastlla.posterior.kron_covariance`), ``prior_precision``, ``sigma_noise``.
     """
 
     def __init__(
@@ -107,7 +112,15 @@ class Predictor(nn.Module):
         self.surrogate = surrogate.eval()
         for p in self.parameters():
             p.requires_grad_(False)
-        self.register_buffer("scale_tril", torch.eye(self.n_features, **kw))
+        if self.exact_rank:
+            # the posterior factored as in FeaturePosterior._kron_factors: the exact block is
+            # never formed (kron_covariance); T_e, T_l and L_ll replace the M×M factor L
+            m, C, n_e = int(surrogate.n_features), self.n_outputs, self.exact_rank * self.n_outputs
+            self.register_buffer("kron_T_e", torch.zeros(self.exact_rank, n_e * C, **kw))
+            self.register_buffer("kron_T_l", torch.zeros(self.exact_rank, m * C, **kw))
+            self.register_buffer("scale_tril", torch.eye(m, **kw))
+        else:
+            self.register_buffer("scale_tril", torch.eye(self.n_features, **kw))
         self.register_buffer("prior_precision", torch.tensor(1.0, **kw))
         self.register_buffer("sigma_noise", torch.tensor(1.0, **kw))
 
@@ -143,8 +156,15 @@ class Predictor(nn.Module):
                 else None
             ),
         )
-        L = estimator.posterior.cholesky(estimator.prior_precision, estimator.data_scale)
+        delta, scale = estimator.prior_precision, estimator.data_scale
         with torch.no_grad():
+            if predictor.exact_rank:
+                m = predictor.scale_tril.shape[0]
+                T_e, T_l, L = estimator.posterior._kron_factors(delta, scale, m, predictor.n_outputs)
+                predictor.kron_T_e.copy_(T_e)
+                predictor.kron_T_l.copy_(T_l)
+            else:
+                L = estimator.posterior.cholesky(delta, scale)
             predictor.scale_tril.copy_(L)
             predictor.prior_precision.fill_(estimator.prior_precision)
             predictor.sigma_noise.fill_(estimator.sigma_noise)
@@ -211,13 +231,25 @@ class Predictor(nn.Module):
         self.output, self.include_noise = state["output"], state["include_noise"]
 
     # ------------------------------------------------------------------ prediction
-    def covariance(self, phi: Tensor) -> Tensor:
-        """``Φ_bᵀ A⁻¹ Φ_b`` for features ``phi`` (B, M, C); returns (B, C, C)."""
+    def covariance(self, phi: Tensor, kron: Tensor | None = None) -> Tensor:
+        """``Φ_bᵀ A⁻¹ Φ_b`` for features ``phi`` (B, M, C); returns (B, C, C).
+
+        With the exact last-layer block, ``phi`` holds the learned features only and ``kron``
+        the coefficients ``a`` of the block ``a ⊗ I_C`` (:func:`fastlla.posterior.kron_covariance`).
+        """
+        if self.exact_rank:
+            return kron_covariance(
+                self.kron_T_e, self.kron_T_l, self.scale_tril, phi, kron, self._whitened
+            )
+        return self._whitened(self.scale_tril, phi)
+
+    def _whitened(self, L: Tensor, phi: Tensor) -> Tensor:
+        """``Φ_bᵀ (LLᵀ)⁻¹ Φ_b``: the fused op, or a triangular solve with torch ops only."""
         if self.ops == "fastlla":
-            return torch.ops.fastlla.predictive_covariance(self.scale_tril, phi.contiguous())
+            return torch.ops.fastlla.predictive_covariance(L, phi.contiguous())
         B, M, C = phi.shape
         rhs = phi.permute(1, 0, 2).reshape(M, B * C)
-        V = torch.linalg.solve_triangular(self.scale_tril, rhs, upper=False)
+        V = torch.linalg.solve_triangular(L, rhs, upper=False)
         V = V.reshape(M, B, C).permute(1, 0, 2)
         return V.mT @ V
 
@@ -229,16 +261,16 @@ class Predictor(nn.Module):
         psi = psi.reshape(psi.shape[0], -1)
         return torch.cat([psi, psi.new_ones(psi.shape[0], 1)], dim=1)
 
+    def _kron_coefficients(self, psi: Tensor) -> Tensor:
+        """``a = Uᵀψ`` (B, k): the exact last-layer features are ``a ⊗ I_C``."""
+        return (psi if self.exact_bias else psi[:, :-1]) @ self.basis
+
     def features(self, *args: Any, psi: Tensor | None = None, **kwargs: Any) -> Tensor:
         """The surrogate's features ``g(x)`` (B, M, C), exact last-layer block included."""
         phi = self.surrogate(*args, **kwargs)
         if not self.exact_rank:
             return phi
-        if psi is None:
-            psi = self._psi(*args, **kwargs)
-        if not self.exact_bias:
-            psi = psi[:, :-1]
-        a = psi @ self.basis  # (B, k)
+        a = self._kron_coefficients(self._psi(*args, **kwargs) if psi is None else psi)
         C = self.n_outputs
         eye = torch.eye(C, dtype=a.dtype, device=a.device)
         exact = (a[:, :, None, None] * eye).reshape(a.shape[0], self.exact_rank * C, C)
@@ -249,8 +281,9 @@ class Predictor(nn.Module):
         if mean.dim() == 1:
             mean = mean.unsqueeze(-1)
         psi = self._psi(*args, **kwargs)
-        phi = self.features(*args, psi=psi, **kwargs)
-        cov = self.covariance(phi)
+        phi = self.surrogate(*args, **kwargs)
+        kron = self._kron_coefficients(psi) if self.exact_rank else None
+        cov = self.covariance(phi, kron)
         if self.residual_head is not None:
             if not self.residual_head.has_bias:
                 psi = psi[:, :-1]

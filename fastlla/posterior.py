@@ -12,13 +12,20 @@ exactly the weight-space linearized Laplace approximation.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _ops
 
-__all__ = ["NotPositiveDefiniteError", "psd_safe_cholesky", "FeaturePosterior", "compress_factor"]
+__all__ = [
+    "NotPositiveDefiniteError",
+    "psd_safe_cholesky",
+    "FeaturePosterior",
+    "compress_factor",
+    "kron_covariance",
+]
 
 # Relative jitter first tried when a Cholesky factorisation fails (×10 per retry).
 JITTER = {torch.float32: 1e-6, torch.float64: 1e-10}
@@ -191,12 +198,9 @@ class FeaturePosterior:
                 f"{(self.n_features - m) // max(C, 1)}), got {tuple(a.shape)}"
             )
         T_e, T_l, L_ll = self._kron_factors(prior_precision, data_scale, m, C)
-        a = a.to(T_e.dtype)
-        V_e = (a @ T_e).view(B, -1, C)  # (B, k·C, C)
-        G = phi.to(T_e.dtype) - (a @ T_l).view(B, m, C)
-        if diagonal:
-            return V_e.square().sum(1) + _ops.predictive_variance(L_ll, G.contiguous())
-        return V_e.mT @ V_e + _ops.predictive_covariance(L_ll, G.contiguous())
+        op = _ops.predictive_variance if diagonal else _ops.predictive_covariance
+        return kron_covariance(T_e, T_l, L_ll, phi, a, op, diagonal)
+
 
     def update(self, W: Tensor) -> None:
         """Absorb new data with factor ``W`` (M, k), ``WWᵀ = Σ_n Φ_n Λ_n Φ_nᵀ`` over it.
@@ -235,3 +239,20 @@ def compress_factor(W: Tensor) -> Tensor:
     if k <= M:
         return W
     return torch.linalg.qr(W.mT, mode="r").R.mT.contiguous()
+
+
+def kron_covariance(
+    T_e: Tensor, T_l: Tensor, L_ll: Tensor, phi: Tensor, a: Tensor, whitened: Any,
+    diagonal: bool = False,
+) -> Tensor:
+    """``Σ_b`` (or its diagonal) for features ``[G_b; a_b ⊗ I_C]`` from the factors of
+    :meth:`FeaturePosterior._kron_factors`: ``V_eᵀV_e + whitened(L_ll, G − L_le V_e)``, where
+    ``whitened(L, X)`` is ``Xᵀ(LLᵀ)⁻¹X`` per input (or its diagonal) — the fused op or a
+    triangular solve."""
+    B, m, C = phi.shape
+    a = a.to(T_e.dtype)
+    V_e = (a @ T_e).view(B, -1, C)  # (B, k·C, C)
+    G = (phi.to(T_e.dtype) - (a @ T_l).view(B, m, C)).contiguous()
+    if diagonal:
+        return V_e.square().sum(1) + whitened(L_ll, G)
+    return V_e.mT @ V_e + whitened(L_ll, G)
