@@ -224,9 +224,9 @@ class FeaturePosterior:
             scale = self._chol_key[1] ** 0.5
             chol = _ops.cholesky_update(chol, (W * scale).contiguous())
         if kron_chol is not None:
-            scale = self._kron_key[1] ** 0.5
-            W_e = W[self._kron_order(self._kron_key[2])]
-            kron_chol = _ops.cholesky_update(kron_chol, (W_e * scale).contiguous())
+            _, data_scale, m, _ = self._kron_key
+            W_e = W[self._kron_order(m)]  # rows in the factor's (Kronecker, learned) order
+            kron_chol = _ops.cholesky_update(kron_chol, (W_e * data_scale**0.5).contiguous())
         H = self.H + W @ W.mT
         self.H = 0.5 * (H + H.mT)
         self._chol, self._kron_chol, self._kron = chol, kron_chol, None

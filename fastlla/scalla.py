@@ -201,8 +201,7 @@ class ScaLLA(LaplaceBase):
             hidden = last_linear(self.model)[1].in_features
         except ValueError:
             return 0
-        self.head_width = HEAD_WIDTH if hidden < HEAD_WIDTH else 0
-        return self.head_width
+        return HEAD_WIDTH if hidden < HEAD_WIDTH else 0
 
     def _ensure_surrogate(self, n_outputs: int, context: bool = False) -> nn.Module:
         if self.surrogate is None:
