@@ -210,12 +210,23 @@ def test_cholesky_downdate_not_positive_definite(device, dtype):
 
 
 # --------------------------------------------------------------------------- predictive
-PRED_SHAPES = [(1, 1, 1), (4, 6, 1), (5, 7, 3), (1024 // 8, 40, 10), (0, 4, 2), (3, 512, 2)]
+# The CPU kernel solves directly when B·C < 2M and otherwise forms L⁻¹ and runs register blocks
+# of up to 12 rows (c) against two-vector panels: the shapes reach both paths, one input per
+# block (C ≥ 7), several (C = 1, packed C ≤ 6), several blocks per input (C = 13), the BLAS Gram
+# (C > 16), and M off the panel width (16 float64 / 32 float32 columns), large M included.
+PRED_SHAPES = [
+    (1, 1, 1), (4, 6, 1), (5, 7, 3), (1024 // 8, 40, 10), (0, 4, 2), (3, 512, 2),
+    (40, 9, 1), (30, 17, 3), (9, 33, 13), (5, 20, 25), (103, 520, 10),
+]
 
 
 @pytest.mark.parametrize("B,M,C", PRED_SHAPES)
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_predictive_covariance_and_variance(device, dtype, B, M, C, contiguous):
+@pytest.mark.parametrize("isa", ["avx512", "blas"])
+def test_predictive_covariance_and_variance(device, dtype, B, M, C, contiguous, isa, monkeypatch):
+    # On CPUs with AVX-512 the kernel uses its own micro-kernel unless told not to (then BLAS).
+    if isa == "blas":
+        monkeypatch.setenv("FASTLLA_DISABLE_AVX512", "1")
     L = random_factor(M, dtype, device, seed=11)
     phi = make(B, M, C, dtype=dtype, device=device, seed=12)
     if not contiguous:
