@@ -93,6 +93,9 @@ def main(argv=None) -> None:
     parser.add_argument("--head-width", type=int, default=0,
                         help="a hidden layer of this width in the default surrogate's head")
     parser.add_argument("--shift", action="store_true", help="add 1-pixel shifted images")
+    parser.add_argument("--exact-fc", action="store_true",
+                        help="carry the penultimate Linear layer's Jacobian block exactly too "
+                        "(the learned features then target the convolutions only)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -101,7 +104,9 @@ def main(argv=None) -> None:
     net = NetworkFunction(model)
     X = shifted(ds.x_train) if args.shift else ds.x_train  # the originals come first
     N = X.shape[0]
-    rest = [i for i, n in enumerate(net.names) if not n.startswith("head.")]
+    exact = ("head.", "trunk.7.") if args.exact_fc else ("head.",)
+    rest = [i for i, n in enumerate(net.names) if not n.startswith(exact)]
+    fc = [i for i, n in enumerate(net.names) if n.startswith("trunk.7.")]
     starts = [sum(net.numels[:i]) for i in range(len(net.numels) + 1)]
     cols = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in rest])
     t0 = time.time()
@@ -116,6 +121,9 @@ def main(argv=None) -> None:
     sur = last_layer_surrogate(model, r, C, net.n_params)
     with torch.no_grad():
         exact_p = sur.exact_features(probe.x)
+        if args.exact_fc:  # the full fc block, rows (p, c) → features (B, P_fc, C)
+            fc_cols = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in fc])
+            exact_p = torch.cat([exact_p, jacobian(net, probe.x, fc_cols).mT], 1)
         T_p = torch.einsum("ncp,pr->nrc", jacobian(net, probe.x, cols), Q)
     print(f"ceiling (exact subspace features + exact block): held-out error "
           f"{probe.error(torch.cat([T_p, exact_p], 1)):.4f}; floor(100) {probe.floor(100):.4f}")  # fmt: skip
