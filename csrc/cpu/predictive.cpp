@@ -1,6 +1,7 @@
 // Predictive covariance / variance on CPU: Σ_b = Φ_bᵀ (LLᵀ)⁻¹ Φ_b = V_bᵀV_b, V_b = L⁻¹Φ_b.
 //
-// L⁻¹ is formed once (M³/6, negligible beside the B·C right-hand sides). Then, on CPUs with
+// With fewer than 2M right-hand sides (B·C) a triangular solve does it directly. Otherwise L⁻¹
+// is formed once (M³/3, small beside the B·C right-hand sides). Then, on CPUs with
 // AVX-512, a register-blocked micro-kernel forms Vᵀ_b = Φ_bᵀL⁻ᵀ straight from phi[b] and reduces
 // it to Σ_b while it is still in L1 (`whiten_avx512`). Elsewhere (or with
 // FASTLLA_DISABLE_AVX512=1) BLAS does the product: every thread takes cache-sized chunks of
@@ -203,7 +204,7 @@ void whiten_avx512(const at::Tensor& panels, const T* phi, int64_t B, int64_t M,
         const int64_t nb = std::min(group, b_end - b);
         if (C == 1) {  // row i of the block is input b + i: phi[b + i, m] = phi[b][i·M + m]
           whiten_block<T, kRows>(phi + b * M, 1, M, nb, inv_p, M, Mp, vt.data());
-        } else if (group > 1) {
+        } else if (group > 1) {  // packed[m, i·C + c] = phi[b + i, m, c]
           const int64_t rows = nb * C;
           const T* src = phi + b * M * C;
           T* dst = packed.data();
@@ -213,7 +214,7 @@ void whiten_avx512(const at::Tensor& panels, const T* phi, int64_t B, int64_t M,
             }
           }
           whiten_block<T, kRows>(packed.data(), rows, 1, rows, inv_p, M, Mp, vt.data());
-        } else {
+        } else {  // one input per block of rows, phi read in place
           for (int64_t c0 = 0; c0 < C; c0 += kRows) {
             whiten_block<T, kRows>(phi + b * M * C + c0, C, 1, std::min<int64_t>(kRows, C - c0),
                                    inv_p, M, Mp, vt.data() + c0 * Mp);
