@@ -31,6 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
         n_projections=args.n_projections,
         regression_iterations=_iterations(args.iterations),
         regression_time_budget=args.time_budget / 3,
+        all_classes=args.all_classes,
         out_dir=args.out_dir,
         progress_bar=not args.no_progress,
     )
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of kernel matching per digits surrogate (a third for the regression)",
     )
     demo.add_argument("--n-projections", type=int, default=8, help="tangents per step S")
+    demo.add_argument("--all-classes", action="store_true",
+                      help="add the ten-class digits table (about 5 more minutes)")
     demo.add_argument("--out-dir", default=".", help="where the PNG is written")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(run=_demo)

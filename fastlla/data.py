@@ -61,7 +61,7 @@ class Dataset:
     name : str
         Short name, for tables.
     x_context : Tensor or None
-        Context inputs ``(N_context, *input_shape)`` (OOD split only).
+        Context inputs ``(N_context, *input_shape)`` (OOD split, or ``context=True``).
     x_ood : Tensor or None
         Out-of-distribution test inputs ``(N_ood, *input_shape)`` (OOD split only).
     x_grid, y_grid : Tensor or None
@@ -167,7 +167,7 @@ def _digits_arrays(flat: bool) -> tuple[np.ndarray, np.ndarray]:
     return x, digits.target.astype(np.int64)
 
 
-def load_digits_split(seed: int = 0, flat: bool = False) -> Dataset:
+def load_digits_split(seed: int = 0, flat: bool = False, context: bool = False) -> Dataset:
     """scikit-learn's 8×8 digits, pixels in ``[0, 1]``, stratified 60/20/20 split.
 
     Parameters
@@ -176,6 +176,9 @@ def load_digits_split(seed: int = 0, flat: bool = False) -> Dataset:
         ``random_state`` of the split (the default split is the one the demo reports).
     flat : bool
         Images as ``(N, 64)`` vectors instead of ``(N, 1, 8, 8)``.
+    context : bool
+        Also build ``x_context``: one transformed image (``CONTEXT_RECIPES``) per training
+        image, as :func:`load_digits_ood` does, seeded by ``seed``.
 
     Returns
     -------
@@ -185,11 +188,12 @@ def load_digits_split(seed: int = 0, flat: bool = False) -> Dataset:
     x, y = _digits_arrays(flat)
     tr, va, te = _split_indices(y, len(y), seed)
     t = torch.from_numpy
+    x_ctx = t(_transformed_context(x[tr], y[tr], len(tr), seed)) if context else None
     return Dataset(
         x_train=t(x[tr]), y_train=t(y[tr]),
         x_val=t(x[va]), y_val=t(y[va]),
         x_test=t(x[te]), y_test=t(y[te]),
-        n_classes=10, name="digits",
+        n_classes=10, name="digits", x_context=x_ctx,
         info={"seed": seed, "indices": {"train": tr, "val": va, "test": te}},
     )  # fmt: skip
 
