@@ -1,6 +1,6 @@
 """fastlla: scalable Linearized Laplace Approximation through a surrogate neural kernel."""
 
-from . import _ops
+from . import _ops, augment
 from .exact import ExactLLA
 from .scalla import ScaLLA
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .augment import mixup
 from .functional import NetworkFunction, batch_size, slice_batch
 
 __all__ = [
@@ -193,16 +194,6 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
     "s32_eqcost": ({"last_layer": False}, {"n_projections": 32, "iter_scale": 0.25}),
     "lastlayer_s32_eqcost": ({"last_layer": True}, {"n_projections": 32, "iter_scale": 0.25}),
 }
-
-
-def mixup(x: torch.Tensor, step: int) -> torch.Tensor:
-    """Half the batch replaced by convex mixtures of pairs of its inputs (λ ~ U(0, 1))."""
-    g = torch.Generator().manual_seed(10_000 + step)
-    n = x.shape[0] // 2
-    perm = torch.randperm(x.shape[0], generator=g)[:n]
-    lam = torch.rand(n, *([1] * (x.dim() - 1)), generator=g).to(x)
-    mixed = lam * x[:n] + (1 - lam) * x[perm]
-    return torch.cat([x[n:], mixed])
 
 
 def shift(x: torch.Tensor, step: int) -> torch.Tensor:

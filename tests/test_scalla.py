@@ -229,6 +229,35 @@ def test_regression_predictive_adds_noise_on_request():
     assert torch.equal(mean, model(x_test).detach())
 
 
+def test_mixup_mixes_pairs_of_the_batch():
+    x = torch.randn(9, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+    out = fastlla.augment.mixup(x, step=4)
+    assert out.shape == x.shape and torch.equal(out[:5], x[4:])  # kept rows, then 4 mixtures
+    assert torch.equal(out, fastlla.augment.mixup(x, step=4))  # seeded by the step
+    for row in out[5:]:  # each mixture lies on the segment between two rows of the batch
+        found = False
+        for a in x:
+            for b in x:
+                d = a - b
+                lam = float((row - b) @ d / (d @ d)) if float(d @ d) > 0 else 0.0
+                found |= 0 <= lam <= 1 and torch.allclose(lam * a + (1 - lam) * b, row)
+        assert found
+
+
+def test_augment_auto_is_mixup_for_regression_only_and_bad_values_lose_nothing():
+    resolved = {}
+    for likelihood in ("regression", "classification"):
+        model, loader, x_test = make_problem(likelihood)
+        la = fastlla.ScaLLA(model, likelihood, n_features=8, seed=0)
+        la.fit(loader, iterations=2, progress_bar=False)
+        resolved[likelihood] = la._train_config["augment"]
+    assert resolved == {"regression": fastlla.augment.mixup, "classification": None}
+    _, cov = la.predictive_distribution(x_test)
+    with pytest.raises(ValueError, match="augment must be"):
+        la.fit(loader, iterations=2, augment="cutout", progress_bar=False)
+    assert torch.equal(la.predictive_distribution(x_test)[1], cov)
+
+
 @pytest.mark.parametrize("link", ["probit", "bridge", "mc"])
 def test_classification_probabilities_are_distributions(link):
     model, loader, x_test = make_problem("classification")
