@@ -113,7 +113,8 @@ def _classification_scores(probs_in, probs_out, y, cov_in=None, cov_out=None) ->
     }
     if probs_out is None:
         return values
-    values["auroc_entropy"] = metrics.auroc(predictive_entropy(probs_in), predictive_entropy(probs_out))
+    entropy_in, entropy_out = predictive_entropy(probs_in), predictive_entropy(probs_out)
+    values["auroc_entropy"] = metrics.auroc(entropy_in, entropy_out)
     if cov_in is not None:
         values["auroc_logit"] = metrics.auroc(
             gaussian_logit_entropy(cov_in), gaussian_logit_entropy(cov_out)
@@ -161,9 +162,10 @@ def _rows_per_delta(name: str, la, deltas: dict[str, float], score) -> list[Row]
     return rows
 
 
-def _fit_scalla(name: str, model, cfg: DemoConfig, train, context, delta: float, log) -> tuple[ScaLLA, Any]:
+def _fit_scalla(name: str, model, cfg: DemoConfig, train, context, delta: float, log):
     """A classification ScaLLA fitted with the demo's settings, and its ``measure`` record."""
-    la = ScaLLA(model, "classification", n_features=cfg.n_features, prior_precision=delta, seed=cfg.seed)
+    la = ScaLLA(model, "classification", n_features=cfg.n_features, prior_precision=delta,
+                seed=cfg.seed)  # fmt: skip
     with measure() as fit:
         la.fit(train, context_loader=context, iterations=cfg.iterations,
                time_budget=cfg.time_budget, n_projections=cfg.n_projections, lr=cfg.lr,
@@ -226,8 +228,9 @@ def classification_demo(cfg: DemoConfig, log=print) -> tuple[list[Row], list[Row
             "fit_s": fit.seconds, "predict_s": ev["predict_s"], "peak_mib": fit.peak_mib,
         }))  # fmt: skip
         facts[f"{name} mean variance / exact"] = var_ratio
-        delta_rows += _rows_per_delta(name, la, _own_deltas(la, val),
-                                      lambda la: _laplace_scores(la, ds.x_test, ds.y_test, ds.x_ood))
+        delta_rows += _rows_per_delta(
+            name, la, _own_deltas(la, val),
+            lambda la: _laplace_scores(la, ds.x_test, ds.y_test, ds.x_ood))  # fmt: skip
     return rows, delta_rows, facts
 
 
@@ -245,7 +248,8 @@ def digits_quality(cfg: DemoConfig, log=print) -> list[Row]:
     val = ds.loader("val", 256)
     model = train_map(DigitsCNN(n_classes=ds.n_classes), train, seed=cfg.seed)
     with torch.no_grad():
-        rows = [Row("MAP", _classification_scores(torch.softmax(model(ds.x_test), -1), None, ds.y_test))]
+        probs = torch.softmax(model(ds.x_test), -1)
+    rows = [Row("MAP", _classification_scores(probs, None, ds.y_test))]
     exact = ExactLLA(copy.deepcopy(model).double(), "classification")
     exact.fit(ds.loader("train", 128))
     deltas = _own_deltas(exact, val, grid=DECADES)
@@ -253,8 +257,10 @@ def digits_quality(cfg: DemoConfig, log=print) -> list[Row]:
                             lambda la: _laplace_scores(la, ds.x_test.double(), ds.y_test))
     log(f"digits, 10 classes: ExactLLA δ = {deltas['marglik']:.4g} (marglik), "
         f"{deltas['val NLL']:.4g} (validation NLL)")  # fmt: skip
-    for name, context in (("ScaLLA", None), ("ScaLLA+context", ds.loader("context", cfg.batch_size, shuffle=True, seed=cfg.seed + 1))):  # noqa: E501
-        la, _ = _fit_scalla(f"digits, 10 classes: {name}", model, cfg, train, context, deltas["val NLL"], log)
+    context = ds.loader("context", cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
+    for name, ctx in (("ScaLLA", None), ("ScaLLA+context", context)):
+        la, _ = _fit_scalla(f"digits, 10 classes: {name}", model, cfg, train, ctx,
+                            deltas["val NLL"], log)  # fmt: skip
         rows += _rows_per_delta(name, la, _own_deltas(la, val, grid=DECADES),
                                 lambda la: _laplace_scores(la, ds.x_test, ds.y_test))
     return rows
@@ -286,7 +292,8 @@ def diabetes_quality(cfg: DemoConfig, log=print) -> list[Row]:
 
     def score(la) -> dict[str, float]:
         mean, cov = la.predictive_distribution(ds.x_test)
-        return _regression_scores(mean, torch.diagonal(cov, dim1=1, dim2=2), la.sigma_noise, ds.y_test)
+        var = torch.diagonal(cov, dim1=1, dim2=2)
+        return _regression_scores(mean, var, la.sigma_noise, ds.y_test)
 
     exact = ExactLLA(model, "regression")
     exact.fit(ds.loader("train", 64))
@@ -412,7 +419,8 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict[str, Any]:
         log("Digits, all 10 classes (no OOD set), each Laplace method at its own δ:")
         log(format_table(digits_rows, DELTA_COLUMNS[:5]))
         log("")
-    log("Diabetes (standardised targets), each Laplace method at its own δ (σ: exact LLA's marglik):")
+    log("Diabetes (standardised targets), each Laplace method at its own δ "
+        "(σ: exact LLA's marglik):")
     log(format_table(diabetes_rows, REGRESSION_DELTA_COLUMNS))
     log("")
     log("1-D gap regression (test points; 'mean std in gap' over x in (-1, 1) of the grid):")
