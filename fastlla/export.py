@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .posterior import kron_covariance
 from .predictive import Likelihood, laplace_bridge, probit
-from .surrogate import LastLayerSurrogate, ResidualHead
+from .surrogate import GatedSurrogate, LastLayerSurrogate, ResidualHead
 
 __all__ = ["Predictor"]
 
@@ -265,12 +265,20 @@ class Predictor(nn.Module):
         """``a = Uᵀψ`` (B, k): the exact last-layer features are ``a ⊗ I_C``."""
         return (psi if self.exact_bias else psi[:, :-1]) @ self.basis
 
+    def _learned(self, psi: Tensor | None, *args: Any, **kwargs: Any) -> Tensor:
+        """The learned features; a :class:`GatedSurrogate` reads ``φ`` from ``ψ = [φ; 1]``."""
+        if isinstance(self.surrogate, GatedSurrogate):
+            return self.surrogate.features(psi[:, :-1], *args, **kwargs)
+        return self.surrogate(*args, **kwargs)
+
     def features(self, *args: Any, psi: Tensor | None = None, **kwargs: Any) -> Tensor:
         """The surrogate's features ``g(x)`` (B, M, C), exact last-layer block included."""
-        phi = self.surrogate(*args, **kwargs)
+        if self.exact_rank and psi is None:
+            psi = self._psi(*args, **kwargs)
+        phi = self._learned(psi, *args, **kwargs)
         if not self.exact_rank:
             return phi
-        a = self._kron_coefficients(self._psi(*args, **kwargs) if psi is None else psi)
+        a = self._kron_coefficients(psi)
         C = self.n_outputs
         eye = torch.eye(C, dtype=a.dtype, device=a.device)
         exact = (a[:, :, None, None] * eye).reshape(a.shape[0], self.exact_rank * C, C)
@@ -281,7 +289,7 @@ class Predictor(nn.Module):
         if mean.dim() == 1:
             mean = mean.unsqueeze(-1)
         psi = self._psi(*args, **kwargs)
-        phi = self.surrogate(*args, **kwargs)
+        phi = self._learned(psi, *args, **kwargs)
         kron = self._kron_coefficients(psi) if self.exact_rank else None
         cov = self.covariance(phi, kron)
         if self.residual_head is not None:

@@ -28,6 +28,7 @@ block that the features miss, for the residual prior variance (``residual_varian
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Any
 
@@ -39,6 +40,8 @@ from .functional import batch_size, call_module
 __all__ = [
     "Surrogate",
     "LastLayerSurrogate",
+    "GatedSurrogate",
+    "gated_structure",
     "ResidualHead",
     "penultimate",
     "default_surrogate",
@@ -158,10 +161,19 @@ class LastLayerSurrogate(nn.Module):
         B = a.shape[0]
         return (a[:, :, None, None] * eye).reshape(B, self.rank * self.n_outputs, self.n_outputs)
 
+    def learned_features(self, x: Any, psi: Tensor) -> Tensor:
+        """The learned features (B, M, C) of the batch ``x``, given its ``ψ(x)`` (which a
+        :class:`GatedSurrogate` reads instead of running the network again)."""
+        if isinstance(self.learned, GatedSurrogate):
+            phi = psi[:, : psi.shape[1] - int(self.has_bias)]
+            return call_module(functools.partial(self.learned.features, phi), x)
+        return call_module(self.learned, x)
+
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         x = args[0] if len(args) == 1 and not kwargs else (kwargs if kwargs else args)
-        learned = self.learned(*args, **kwargs)
-        return torch.cat([learned, self.exact_features(x).to(learned.dtype)], dim=1)
+        psi = self.psi(x)
+        learned = self.learned_features(x, psi)
+        return torch.cat([learned, self.exact_features(x, psi).to(learned.dtype)], dim=1)
 
     @torch.no_grad()
     def fit_basis(self, batches: Any) -> None:
@@ -188,6 +200,148 @@ class LastLayerSurrogate(nn.Module):
         if self.full_rank:
             return psi.new_zeros(psi.shape[0])
         return (psi - (psi @ self.basis) @ self.basis.mT).square().sum(-1)
+
+
+#: ``σ'(z)`` from the activation's output ``y = σ(z)``, for the elementwise activations whose
+#: derivative is a function of their output (the gate of :class:`GatedSurrogate`).
+ACTIVATION_GRADIENTS = {
+    nn.ReLU: lambda act, y: (y > 0).to(y.dtype),
+    nn.LeakyReLU: lambda act, y: torch.where(y > 0, y.new_ones(()), y.new_full((), act.negative_slope)),
+    nn.Tanh: lambda act, y: 1.0 - y.square(),
+    nn.Sigmoid: lambda act, y: y * (1.0 - y),
+}
+
+
+def gated_structure(model: nn.Module) -> tuple[str, str, str] | None:
+    """``(linear, activation, head)`` names when ``model`` ends ``nn.Linear → σ → nn.Linear``.
+
+    Read from the order in which the leaf modules are registered (the order of a
+    ``nn.Sequential``): the last ``nn.Linear`` (the head), the leaf before it an elementwise
+    activation of :data:`ACTIVATION_GRADIENTS` (a ``LeakyReLU`` needs a positive slope), the
+    leaf before that an ``nn.Linear`` whose outputs feed it. ``None`` otherwise.
+    :meth:`GatedSurrogate.check` confirms on data that the forward pass really runs this way.
+    """
+    leaves = [(n, m) for n, m in model.named_modules() if n and not any(m.children())]
+    heads = [i for i, (_, m) in enumerate(leaves) if isinstance(m, nn.Linear)]
+    if not heads or heads[-1] < 2:
+        return None
+    i = heads[-1]
+    (p_name, linear), (a_name, act), (h_name, head) = leaves[i - 2 : i + 1]
+    if type(act) not in ACTIVATION_GRADIENTS or not isinstance(linear, nn.Linear):
+        return None
+    if isinstance(act, nn.LeakyReLU) and act.negative_slope <= 0:
+        return None
+    if linear.out_features != head.in_features:
+        return None
+    return p_name, a_name, h_name
+
+
+class GatedSurrogate(nn.Module):
+    """Learned features with the class structure of the network's Jacobian below its head.
+
+    For a network ending ``z = Linear(u)``, ``f = W σ(z) + b`` (elementwise ``σ``), the Jacobian
+    row of output ``c`` for every parameter ``θ`` below the head is ``(W[c] ⊙ σ'(z))ᵀ ∂z/∂θ``.
+    So the features of those parameters are ``g[m, c] = Σ_j H[j, m] σ'(z_j) W[c, j]`` with
+    ``H(x) = (∂z/∂θ) Q`` (``h × M``) shared by all classes. Only ``H`` is learned — the gate
+    ``σ'(z)`` (from the network's own activations ``φ = σ(z)``) and ``W`` are exact — from
+    ``u``, the input of the layer computing ``z``: a linear map (the layer's own weights enter
+    ``∂z/∂θ`` linearly in ``u``) plus an MLP of ``width`` hidden units. ``u`` comes from a
+    trainable copy of the network's trunk (warm-started).
+
+    It carries no last-layer features: use it inside :class:`LastLayerSurrogate` at full rank,
+    which provides the head's block exactly (``ScaLLA(gate="auto")``). On the digits CNN it
+    halved the error of the learned part on noise-free targets (0.102 → 0.065) and lowered the
+    held-out kernel error of JVP training in 6 minutes from 0.132 to 0.082
+    (``bench/fidelity/RESULTS.md``).
+
+    ``forward(x)`` reads ``φ`` through a hook on the network's head; callers that already have
+    ``φ`` (the exact block, the exported predictor) use :meth:`features` and save a forward pass.
+    """
+
+    def __init__(
+        self, model: nn.Module, n_features: int, n_outputs: int, width: int = 512,
+        structure: tuple[str, str, str] | None = None,
+    ):  # fmt: skip
+        super().__init__()
+        structure = structure or gated_structure(model)
+        if structure is None:
+            raise ValueError(
+                "fastlla: a gated surrogate needs a model ending nn.Linear → activation → "
+                f"nn.Linear, the activation one of {[t.__name__ for t in ACTIVATION_GRADIENTS]}"
+            )
+        if n_features < 1 or width < 0:
+            raise ValueError(f"fastlla: need n_features >= 1 and width >= 0, got {n_features}, {width}")
+        p_name, a_name, h_name = structure
+        linear, act, head = (model.get_submodule(n) for n in structure)
+        if head.out_features != n_outputs:
+            raise ValueError(f"fastlla: the head has {head.out_features} outputs, expected {n_outputs}")
+        self._model = (model,)  # a tuple hides it from parameters() and state_dict()
+        self.structure, self.head_name = tuple(structure), h_name
+        self.activation = copy.deepcopy(act)
+        self.register_buffer("head_weight", head.weight.detach().clone())
+        trunk = copy.deepcopy(model)  # u: the network with its last three leaves removed
+        for name in structure:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(trunk.get_submodule(parent_name) if parent_name else trunk, attr, nn.Identity())
+        for p in trunk.parameters():
+            p.requires_grad_(True)
+        self.trunk = trunk
+        n_in, h = linear.in_features, linear.out_features
+        self.n_features, self.n_outputs, self.width, self.hidden = n_features, n_outputs, width, h
+        self.head_width = width  # the saved hyper-parameter, as Surrogate's
+        self.linear = nn.Linear(n_in, h * n_features)
+        self.mlp = (
+            nn.Sequential(nn.Linear(n_in, width), nn.ReLU(), nn.Linear(width, h * n_features))
+            if width
+            else None
+        )
+        self.register_buffer("output_scale", torch.tensor(1.0))
+        w = head.weight
+        self.to(device=w.device, dtype=w.dtype)
+
+    def gate(self, phi: Tensor) -> Tensor:
+        """``σ'(z)`` (B, h) from the network's penultimate activations ``φ = σ(z)``."""
+        return ACTIVATION_GRADIENTS[type(self.activation)](self.activation, phi.detach())
+
+    def hidden_features(self, u: Tensor) -> Tensor:
+        """``H`` (B, h, M) from ``u`` (B, n_in): the learned, class-independent part."""
+        H = self.linear(u) if self.mlp is None else self.linear(u) + self.mlp(u)
+        return H.view(u.shape[0], self.hidden, self.n_features)
+
+    def features(self, phi: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """``g(x)`` (B, M, C) given ``φ(x)`` (B, h), the input of the network's head."""
+        u = self.trunk(*args, **kwargs)
+        H = self.hidden_features(u.reshape(u.shape[0], -1))
+        gated = self.gate(phi.reshape(u.shape[0], -1)).to(H.dtype)[:, None, :] * self.head_weight
+        return torch.einsum("bjm,bcj->bmc", H, gated) * self.output_scale
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        x = args[0] if len(args) == 1 and not kwargs else (kwargs if kwargs else args)
+        phi = penultimate(self._model[0], self.head_name, x, bias=False)
+        return self.features(phi, *args, **kwargs)
+
+    @torch.no_grad()
+    def check(self, x: Any) -> bool:
+        """Whether, on the batch ``x``, the network's head reads the activation's output and the
+        activation reads the gated layer's output — the structure the features assume."""
+        model = self._model[0]
+        seen: dict[str, Any] = {}  # each module's last call (a shared activation runs often)
+        hooks = [
+            model.get_submodule(name).register_forward_hook(
+                lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))
+            )
+            for name in self.structure
+        ]
+        try:
+            call_module(model, x)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        if len(seen) != 3:
+            return False
+        (_, z), (a_in, a_out), (h_in, _) = (seen[n] for n in self.structure)
+        same = a_in.shape == z.shape and h_in.shape == a_out.shape
+        return bool(same and torch.equal(a_in, z) and torch.equal(h_in, a_out))
 
 
 def penultimate(model: nn.Module, head_name: str, x: Any, bias: bool = True) -> Tensor:
@@ -278,9 +432,10 @@ def default_surrogate(
 
 def last_layer_surrogate(
     model: nn.Module, n_features: int, n_outputs: int, n_params: int, rank: int | None = None,
-    head_width: int = 0,
+    head_width: int = 0, gated: bool = False,
 ) -> LastLayerSurrogate:
-    """:func:`default_surrogate` for the learned features plus the exact last-layer block."""
+    """:func:`default_surrogate` (or, with ``gated``, a :class:`GatedSurrogate` with an MLP of
+    ``head_width`` units) for the learned features plus the exact last-layer block."""
     name, linear = last_linear(model)
     trainable = linear.weight.requires_grad and (linear.bias is None or linear.bias.requires_grad)
     if not trainable:
@@ -288,7 +443,13 @@ def last_layer_surrogate(
             "fastlla: the exact last-layer block needs the last nn.Linear's parameters to be "
             "trainable (requires_grad); pass last_layer=False"
         )
-    learned = default_surrogate(model, n_features, n_outputs, n_params, head_width)
+    if gated and rank is not None:
+        raise ValueError("fastlla: a gated surrogate needs the full exact last-layer block (rank None)")
+    if gated:
+        learned = GatedSurrogate(model, n_features, n_outputs, head_width)
+        learned.output_scale.fill_(math.sqrt(n_params / n_features))
+    else:
+        learned = default_surrogate(model, n_features, n_outputs, n_params, head_width)
     out = LastLayerSurrogate(learned, model, name, rank)
     return out.to(device=linear.weight.device, dtype=linear.weight.dtype).eval()
 

@@ -200,9 +200,10 @@ def test_jvp_residual_estimates_the_missing_kernel_block(last_layer):
 
 def test_residual_variance_adds_the_prior_term_and_can_be_switched():
     model, loader, x = make_problem()
-    # a linear surrogate head: the loose tolerance below is set on the residual it leaves
+    # the plain surrogate with a linear head: the loose tolerance below is set on the residual
+    # it leaves
     la = fastlla.ScaLLA(model, "classification", n_features=3, residual_variance="head",
-                        prior_precision=2.0, head_width=0)  # fmt: skip
+                        prior_precision=2.0, head_width=0, gate=False)  # fmt: skip
     la.fit(loader, iterations=200, lr=3e-3, progress_bar=False)
     la.residual_variance = False
     _, plain = la.predictive_distribution(x)

@@ -155,7 +155,7 @@ def test_head_width_adds_a_hidden_layer_that_saves_and_exports():
     from fastlla.export import Predictor
 
     model, loader, x_test = make_problem("classification")
-    la = fastlla.ScaLLA(model, "classification", n_features=4, head_width=6)
+    la = fastlla.ScaLLA(model, "classification", n_features=4, head_width=6, gate=False)
     la.fit(loader, iterations=3, progress_bar=False)
     head = getattr(la.surrogate, "learned", la.surrogate).head
     assert isinstance(head, nn.Sequential) and head[0].out_features == 6
@@ -165,11 +165,111 @@ def test_head_width_adds_a_hidden_layer_that_saves_and_exports():
     assert other.head_width == 6
     torch.testing.assert_close(other.predictive_distribution(x_test)[1], cov)
     fresh = Predictor.like(copy.deepcopy(model), "classification", n_outputs=3, n_features=4,
-                           head_width=6, predictor_options={"output": "gaussian"})
+                           head_width=6, gate=False, predictor_options={"output": "gaussian"})
     fresh.load_state_dict(la.export(output="gaussian").state_dict())
     torch.testing.assert_close(fresh(x_test)[1], cov, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="head_width"):
         fastlla.ScaLLA(model, "classification", head_width=-1)
+
+
+# --------------------------------------------------------------------------- gated surrogate
+def gated_net(activation: nn.Module, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), activation, nn.Linear(5, 3)
+    ).to(DTYPE)
+
+
+@pytest.mark.parametrize(
+    "activation", [nn.ReLU(), nn.Tanh(), nn.Sigmoid(), nn.LeakyReLU(0.1)], ids=lambda a: type(a).__name__
+)
+def test_gated_features_equal_the_jacobian_through_the_exact_gate(activation):
+    """Oracle: with ``H = (∂z/∂θ) Q`` from explicit Jacobians of the penultimate pre-activation
+    ``z``, the gated features equal ``J(x) Q`` — the network's own Jacobian of every parameter
+    below the head, projected — for every class."""
+    from fastlla.surrogate import GatedSurrogate, gated_structure, penultimate
+
+    model = gated_net(activation)
+    assert gated_structure(model) == ("2", "3", "4")
+    x = torch.randn(9, 4, dtype=DTYPE)
+    lower = [p for p in model.parameters()][:4]  # the two Linear layers below the head
+    Q = torch.randn(sum(p.numel() for p in lower), 7, dtype=DTYPE)
+
+    def flat_jacobian(fn):
+        jac = torch.autograd.functional.jacobian(lambda *ps: fn(ps), tuple(lower))
+        return torch.cat([j.reshape(*j.shape[:2], -1) for j in jac], dim=-1)  # (B, out, P_lower)
+
+    def run(params, upto):
+        h = torch.tanh(x @ params[0].T + params[1])
+        z = h @ params[2].T + params[3]
+        return z if upto == "z" else model[4](model[3](z))
+
+    expected = torch.einsum("bcp,pm->bmc", flat_jacobian(lambda ps: run(ps, "f")), Q)
+    H = torch.einsum("bjp,pm->bjm", flat_jacobian(lambda ps: run(ps, "z")), Q)
+    sur = GatedSurrogate(model, n_features=7, n_outputs=3, width=4)
+    sur.hidden_features = lambda u: H  # the exact class-independent part
+    assert sur.check(x)
+    got = sur.features(penultimate(model, "4", x, bias=False), x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sur(x), expected, rtol=1e-10, atol=1e-12)  # φ read by a hook
+
+
+def test_gate_auto_uses_the_structure_only_where_the_forward_pass_has_it():
+    from fastlla.surrogate import GatedSurrogate, gated_structure
+
+    model = gated_net(nn.ReLU())
+    X = torch.randn(24, 4, dtype=DTYPE)
+    loader = DataLoader(TensorDataset(X, model(X).argmax(-1)), batch_size=8)
+    la = fastlla.ScaLLA(model, "classification", n_features=5).fit(loader, iterations=3, progress_bar=False)
+    assert la.gate_used and isinstance(la.surrogate.learned, GatedSurrogate)
+    # GELU's derivative is not a function of its output: no gate
+    assert gated_structure(gated_net(nn.GELU())) is None
+    la = fastlla.ScaLLA(gated_net(nn.GELU()), "classification", n_features=5)
+    assert not la.fit(loader, iterations=1, progress_bar=False).gate_used
+
+    class SkipsActivation(nn.Module):  # registered Linear → ReLU → Linear, but never runs the ReLU
+        def __init__(self):
+            super().__init__()
+            self.a, self.relu, self.head = nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.a(x)))
+
+    odd = SkipsActivation().to(DTYPE)
+    assert gated_structure(odd) == ("a", "relu", "head")
+    la = fastlla.ScaLLA(odd, "classification", n_features=5).fit(loader, iterations=1, progress_bar=False)
+    assert not la.gate_used and not isinstance(la.surrogate.learned, GatedSurrogate)
+    with pytest.raises(ValueError, match="does not feed"):
+        fastlla.ScaLLA(odd, "classification", gate=True).fit(loader, iterations=1, progress_bar=False)
+    with pytest.raises(ValueError, match="gate=True needs"):
+        fastlla.ScaLLA(model, "classification", gate=True, last_layer=False).fit(loader, iterations=1)
+    with pytest.raises(ValueError, match="gate must be"):
+        fastlla.ScaLLA(model, "classification", gate="yes")
+
+
+def test_gated_surrogate_saves_and_exports():
+    import copy
+
+    from fastlla.export import Predictor
+
+    model = gated_net(nn.ReLU())
+    X = torch.randn(24, 4, dtype=DTYPE)
+    loader = DataLoader(TensorDataset(X, model(X).argmax(-1)), batch_size=8)
+    la = fastlla.ScaLLA(model, "classification", n_features=5, head_width=6)
+    la.fit(loader, iterations=4, progress_bar=False)
+    assert la.gate_used
+    x_test = torch.randn(5, 4, dtype=DTYPE)
+    cov = la.predictive_distribution(x_test)[1]
+    other = fastlla.ScaLLA(model, "classification", n_features=5)
+    other.load_state_dict(la.state_dict())
+    assert other.gate_used and other.surrogate.learned.width == 6
+    torch.testing.assert_close(other.predictive_distribution(x_test)[1], cov)
+    fresh = Predictor.like(copy.deepcopy(model), "classification", n_outputs=3, n_features=5,
+                           head_width=6, predictor_options={"output": "gaussian"})
+    fresh.load_state_dict(la.export(output="gaussian").state_dict())
+    torch.testing.assert_close(fresh(x_test)[1], cov, rtol=1e-6, atol=1e-9)
+    exported = torch.export.export(la.export(output="gaussian"), (x_test,))
+    torch.testing.assert_close(exported.module()(x_test)[1], cov, rtol=1e-6, atol=1e-9)
 
 
 def test_training_reduces_kernel_error():
