@@ -190,6 +190,9 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
         {"last_layer": True, "head_width": 512, "augment": "shift"}, {"n_projections": 8}
     ),
     "lastlayer_shift": ({"last_layer": True, "augment": "shift"}, {"n_projections": 8}),
+    # the gated surrogate (ScaLLA's default since session 4): exact gate σ'(z) and head weights
+    "gated": ({"last_layer": True, "gate": True, "head_width": 512}, {"n_projections": 8}),
+    "gated_s16": ({"last_layer": True, "gate": True, "head_width": 512}, {"n_projections": 16}),
     # equal JVP cost to the S=8 runs: a quarter of the steps
     "s32_eqcost": ({"last_layer": False}, {"n_projections": 32, "iter_scale": 0.25}),
     "lastlayer_s32_eqcost": ({"last_layer": True}, {"n_projections": 32, "iter_scale": 0.25}),
@@ -270,7 +273,8 @@ def run_config(name, ds, model, probe, iterations, every, seed=0, log=print, thr
     init, fit = (dict(d) for d in CONFIGS[name])
     batch = init.pop("batch_size", 64)
     n_features = init.pop("n_features", 100)
-    init.setdefault("head_width", 0)  # the configurations predate head_width; they name it
+    init.setdefault("head_width", 0)  # the configurations predate head_width and gate; they
+    init.setdefault("gate", False)  # name them
     fresh = init.pop("fresh_trunk", False)
     augment = AUGMENTS[init.pop("augment")] if "augment" in init else None
     scale = fit.pop("iter_scale", 1.0)

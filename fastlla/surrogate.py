@@ -21,8 +21,11 @@ By default (``ScaLLA(last_layer="auto")``) :class:`LastLayerSurrogate` adds, bes
 learned features, the *exact* features of the network's last ``nn.Linear`` — ``(h+1)·C`` of
 them, or ``k·C`` for its top-``k`` principal input directions when that is over 1024 — so the
 posterior has ``M + (h+1)·C`` features (590 on the digits CNN with ``M = 100``). The learned
-ones then only fit the rest of the kernel. :class:`ResidualHead` learns the NTK's diagonal
-block that the features miss, for the residual prior variance (``residual_variance``).
+ones then only fit the rest of the kernel. Where the network ends ``Linear → σ → Linear``
+(``ScaLLA(gate="auto")``) the learned ones are a :class:`GatedSurrogate`: the Jacobian's class
+structure below the head (the gate ``σ'(z)`` and the head's weights) is taken from the network
+exactly and only a class-independent ``H(x)`` is learned. :class:`ResidualHead` learns the NTK's
+diagonal block that the features miss, for the residual prior variance (``residual_variance``).
 """
 
 from __future__ import annotations
