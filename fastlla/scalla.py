@@ -724,7 +724,7 @@ class ScaLLA(LaplaceBase):
                 feats = PredictiveFeatures(phi)
             else:
                 learned = check_surrogate_output(
-                    surrogate_features(exact.learned, x), x, self.n_outputs, exact.n_learned,
+                    exact.learned_features(x, psi), x, self.n_outputs, exact.n_learned,
                     finite=False,
                 )
                 feats = PredictiveFeatures(learned, kron=exact.coefficients(psi))

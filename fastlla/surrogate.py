@@ -290,8 +290,8 @@ class GatedSurrogate(nn.Module):
             p.requires_grad_(True)
         self.trunk = trunk
         n_in, h = linear.in_features, linear.out_features
-        self.n_features, self.n_outputs, self.width, self.hidden = n_features, n_outputs, width, h
-        self.head_width = width  # the saved hyper-parameter, as Surrogate's
+        self.n_features, self.n_outputs, self.hidden = n_features, n_outputs, h
+        self.head_width = width  # the MLP's width, saved as Surrogate's head_width is
         self.linear = nn.Linear(n_in, h * n_features)
         self.mlp = (
             nn.Sequential(nn.Linear(n_in, width), nn.ReLU(), nn.Linear(width, h * n_features))

@@ -262,7 +262,7 @@ def test_gated_surrogate_saves_and_exports():
     cov = la.predictive_distribution(x_test)[1]
     other = fastlla.ScaLLA(model, "classification", n_features=5)
     other.load_state_dict(la.state_dict())
-    assert other.gate_used and other.surrogate.learned.width == 6
+    assert other.gate_used and other.surrogate.learned.head_width == 6
     torch.testing.assert_close(other.predictive_distribution(x_test)[1], cov)
     fresh = Predictor.like(copy.deepcopy(model), "classification", n_outputs=3, n_features=5,
                            head_width=6, predictor_options={"output": "gaussian"})
