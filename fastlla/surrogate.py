@@ -253,8 +253,8 @@ class GatedSurrogate(nn.Module):
 
     It carries no last-layer features: use it inside :class:`LastLayerSurrogate` at full rank,
     which provides the head's block exactly (``ScaLLA(gate="auto")``). On the digits CNN it
-    halved the error of the learned part on noise-free targets (0.102 → 0.065) and lowered the
-    held-out kernel error of JVP training in 6 minutes from 0.132 to 0.082
+    lowered the error of the learned part on noise-free targets (0.102 → 0.065) and lowered the
+    held-out kernel error of JVP training at equal wall time (~6 min) from 0.129 to 0.083
     (``bench/fidelity/RESULTS.md``).
 
     ``forward(x)`` reads ``φ`` through a hook on the network's head; callers that already have
