@@ -274,21 +274,14 @@ class GatedSurrogate(nn.Module):
             )
         if n_features < 1 or width < 0:
             raise ValueError(f"fastlla: need n_features >= 1 and width >= 0, got {n_features}, {width}")
-        p_name, a_name, h_name = structure
         linear, act, head = (model.get_submodule(n) for n in structure)
         if head.out_features != n_outputs:
             raise ValueError(f"fastlla: the head has {head.out_features} outputs, expected {n_outputs}")
         self._model = (model,)  # a tuple hides it from parameters() and state_dict()
-        self.structure, self.head_name = tuple(structure), h_name
+        self.structure, self.head_name = tuple(structure), structure[2]
         self.activation = copy.deepcopy(act)
         self.register_buffer("head_weight", head.weight.detach().clone())
-        trunk = copy.deepcopy(model)  # u: the network with its last three leaves removed
-        for name in structure:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(trunk.get_submodule(parent_name) if parent_name else trunk, attr, nn.Identity())
-        for p in trunk.parameters():
-            p.requires_grad_(True)
-        self.trunk = trunk
+        self.trunk = trainable_copy_without(model, structure)  # u: the input of `linear`
         n_in, h = linear.in_features, linear.out_features
         self.n_features, self.n_outputs, self.hidden = n_features, n_outputs, h
         self.head_width = width  # the MLP's width, saved as Surrogate's head_width is
@@ -408,6 +401,18 @@ class ResidualHead(nn.Module):
         return self.net(psi.to(self.output_scale.dtype)).view(-1, C, C) * self.output_scale
 
 
+def trainable_copy_without(model: nn.Module, names: Any) -> nn.Module:
+    """A copy of ``model`` (warm start, every parameter trainable) with the modules ``names``
+    replaced by the identity."""
+    trunk = copy.deepcopy(model)
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(trunk.get_submodule(parent_name) if parent_name else trunk, attr, nn.Identity())
+    for p in trunk.parameters():
+        p.requires_grad_(True)
+    return trunk
+
+
 def default_surrogate(
     model: nn.Module, n_features: int, n_outputs: int, n_params: int, head_width: int = 0
 ) -> Surrogate:
@@ -415,17 +420,12 @@ def default_surrogate(
     (linear, or with one hidden layer of ``head_width`` units)."""
     if n_features < 1:
         raise ValueError(f"fastlla: n_features must be at least 1, got {n_features}")
-    trunk = copy.deepcopy(model)
-    name, linear = last_linear(trunk)
+    name, linear = last_linear(model)
     if name == "":
         raise ValueError(
             "fastlla: the model is a single nn.Linear; pass surrogate=<nn.Module> explicitly"
         )
-    parent_name, _, attr = name.rpartition(".")
-    parent = trunk.get_submodule(parent_name) if parent_name else trunk
-    setattr(parent, attr, nn.Identity())
-    for p in trunk.parameters():
-        p.requires_grad_(True)
+    trunk = trainable_copy_without(model, [name])
     surrogate = Surrogate(trunk, linear.in_features, n_features, n_outputs, head_width)
     p0 = linear.weight
     surrogate = surrogate.to(device=p0.device, dtype=p0.dtype).eval()

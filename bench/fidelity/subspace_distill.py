@@ -33,7 +33,7 @@ from torch import nn
 
 from fastlla.fidelity import feature_rows, setup
 from fastlla.functional import NetworkFunction
-from fastlla.surrogate import last_layer_surrogate
+from fastlla.surrogate import GatedSurrogate, last_layer_surrogate
 
 
 class WideSurrogate(nn.Module):
@@ -72,30 +72,24 @@ class MLPHeadSurrogate(nn.Module):
         return (self.head(h) * self.output_scale).view(x.shape[0], self.r, self.C)
 
 
-class GatedSurrogate(nn.Module):
-    """Features with the Jacobian's own class structure below the last layer.
+class TwoLevelGatedSurrogate(nn.Module):
+    """:class:`fastlla.surrogate.GatedSurrogate` (``--gated 1``) one level further down (this
+    CNN only): the convolutions reach ``z`` through ``W_fc`` and the pooled ReLU gate
+    ``(a > 0)``, both taken from the network exactly; the MLP learns ``128 × r`` per input."""
 
-    For ``f = W·relu(z) + b`` every lower parameter's Jacobian row for class ``c`` is
-    ``(W[c] ⊙ relu'(z))ᵀ ∂z/∂θ``, so its features are ``g[m, c] = Σ_j H[j, m] · relu'(z_j) · W[c, j]``
-    with ``H(x) = ∂z/∂θ · Q`` class-independent (``hidden × r``). The gate ``relu'(z)`` and ``W``
-    come from the network exactly; only ``H`` is learned: a skip ``Linear(128 → hidden·r)`` from the
-    convolutions' output (the fc weights' part of ``∂z/∂θ`` is linear in it) plus an MLP."""
-
-    def __init__(self, model: nn.Module, width: int, r: int, levels: int = 1):
+    def __init__(self, model: nn.Module, width: int, r: int):
         super().__init__()
-        self.levels = levels
         self.conv = copy.deepcopy(model.trunk[:7])
         for p in self.conv.parameters():
             p.requires_grad_(True)
-        self.net_trunk = model.trunk  # frozen network: the gate
+        self.net_trunk = model.trunk  # frozen network: the gates
         self.register_buffer("w_head", model.head.weight.detach().clone())
+        self.register_buffer("w_fc", model.trunk[7].weight.detach().clone())
         hidden = self.w_head.shape[1]
         self.skip = nn.Linear(128, hidden * r)
-        inner = hidden if levels == 1 else 128
-        self.mlp = nn.Sequential(nn.Linear(128, width), nn.ReLU(), nn.Linear(width, inner * r))
-        self.register_buffer("w_fc", model.trunk[7].weight.detach().clone())
+        self.mlp = nn.Sequential(nn.Linear(128, width), nn.ReLU(), nn.Linear(width, 128 * r))
         self.register_buffer("output_scale", torch.ones(()))
-        self.r, self.hidden, self.inner = r, hidden, inner
+        self.r, self.hidden = r, hidden
 
     def forward(self, x):
         x = x.reshape(-1, 1, 8, 8)
@@ -103,12 +97,8 @@ class GatedSurrogate(nn.Module):
         with torch.no_grad():
             a_net = self.net_trunk[:7](x)
             gate = (self.net_trunk[7](a_net) > 0).to(a.dtype)  # relu'(z) of the network
-        H = self.skip(a).view(-1, self.hidden, self.r)
-        if self.levels == 1:
-            H = H + self.mlp(a).view(-1, self.hidden, self.r)
-        else:  # the convolutions reach z through W_fc and the pooled relu' (a > 0)
-            G = self.mlp(a).view(-1, self.inner, self.r) * (a_net > 0).to(a.dtype)[:, :, None]
-            H = H + torch.einsum("jk,bkm->bjm", self.w_fc, G)
+        G = self.mlp(a).view(-1, 128, self.r) * (a_net > 0).to(a.dtype)[:, :, None]
+        H = self.skip(a).view(-1, self.hidden, self.r) + torch.einsum("jk,bkm->bjm", self.w_fc, G)
         return torch.einsum("bjm,bj,cj->bmc", H, gate, self.w_head) * self.output_scale
 
 
@@ -133,7 +123,7 @@ def main(argv=None) -> None:
     parser.add_argument("--head-width", type=int, default=0,
                         help="a hidden layer of this width in the default surrogate's head")
     parser.add_argument("--gated", type=int, default=0,
-                        help="GatedSurrogate (class structure of the Jacobian, hidden width --width)")
+                        help="1: fastlla's GatedSurrogate (MLP width --width); 2: also the next level's gates")
     parser.add_argument("--shift", action="store_true", help="add 1-pixel shifted images")
     parser.add_argument("--exact-fc", action="store_true",
                         help="carry the penultimate Linear layer's Jacobian block exactly too "
@@ -170,8 +160,10 @@ def main(argv=None) -> None:
     print(f"ceiling (exact subspace features + exact block): held-out error "
           f"{probe.error(torch.cat([T_p, exact_p], 1)):.4f}; floor(100) {probe.floor(100):.4f}")  # fmt: skip
     learned = sur.learned
-    if args.gated:
-        learned = GatedSurrogate(model, args.width or 512, r, args.gated)
+    if args.gated == 1:
+        learned = GatedSurrogate(model, r, C, args.width or 512)
+    elif args.gated == 2:
+        learned = TwoLevelGatedSurrogate(model, args.width or 512, r)
     elif args.width:
         learned = WideSurrogate(model, args.width, r, C)
     elif args.head_width:
