@@ -57,7 +57,13 @@ inline void check_float(const char* op, const char* name, const at::Tensor& t) {
                 " must be float32 or float64, got ", dtype_name(t.scalar_type()));
 }
 
+// Python passes None for a Tensor argument as an undefined tensor.
+inline void check_defined(const char* op, const char* name, const at::Tensor& t) {
+  FASTLLA_CHECK(t.defined(), op, name, " must be a tensor, got None");
+}
+
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  check_defined(op, name, t);
   FASTLLA_CHECK(t.dim() == dim, op, name, " must be ", dim, "-D, got shape ", shape_str(t));
 }
 
@@ -94,8 +100,10 @@ inline void check_kernel_matching_loss_backward(const at::Tensor& grad, const at
                                                 const at::Tensor& z, int64_t n_train) {
   const char* op = "kernel_matching_loss_backward";
   check_kernel_matching_loss(phi, z, n_train, op);
-  // Not checked in Python (autograd always passes a 0-D grad on phi's device); guards C++ callers.
+  check_defined(op, "grad", grad);
   FASTLLA_CHECK(grad.numel() == 1, op, "grad must hold one element, got shape ", shape_str(grad));
+  FASTLLA_CHECK(grad.device() == phi.device(), op, "grad must be on the device of phi (",
+                phi.device().str(), "), got ", grad.device().str());
 }
 
 inline void check_ggn_accumulate(const at::Tensor& h, const at::Tensor& phi,
@@ -137,6 +145,10 @@ inline void check_predictive(const at::Tensor& L, const at::Tensor& phi, const c
                 " (the size of L), got ", shape_str(phi));
 }
 
+// The most Monte-Carlo samples mc_softmax draws (2^20): far beyond any useful accuracy (the
+// error falls as 1/√S), and it bounds the run time of every backend.
+constexpr int64_t kMaxMcSamples = int64_t(1) << 20;
+
 inline void check_mc_softmax(const at::Tensor& mean, const at::Tensor& scale_tril,
                              int64_t n_samples, int64_t /*seed*/) {
   const char* op = "mc_softmax";
@@ -149,6 +161,8 @@ inline void check_mc_softmax(const at::Tensor& mean, const at::Tensor& scale_tri
                 op, "scale_tril must be (B, C, C) = ", tuple_str({B, C, C}), ", got ",
                 shape_str(scale_tril));
   FASTLLA_CHECK(n_samples >= 1, op, "n_samples must be at least 1, got ", n_samples);
+  FASTLLA_CHECK(n_samples <= kMaxMcSamples, op, "n_samples must be at most ", kMaxMcSamples,
+                " (2^20), got ", n_samples);
 }
 
 // Python prints the tuple as ('rademacher', 'gaussian') and the value with repr().
@@ -157,6 +171,8 @@ inline void check_random_tangents(const at::Tensor& out, int64_t /*seed*/, int64
   const char* op = "random_tangents";
   check_dim(op, "out", out, 2);
   check_float(op, "out", out);
+  FASTLLA_CHECK(!out.requires_grad(), op,
+                "out must not require grad (it is overwritten and has no derivative)");
   FASTLLA_CHECK(out.is_contiguous(), op, "out must be contiguous (it is filled in place)");
   FASTLLA_CHECK(out.size(1) < (int64_t(1) << 32), op,
                 "out must have fewer than 2^32 columns, got ", out.size(1));

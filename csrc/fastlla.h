@@ -34,7 +34,13 @@
 //     reference.hash4; Box–Muller normals from the counters (seed, step, 2·row, col) and
 //     (seed, step, 2·row + 1, col). The same counters give the same numbers on every backend.
 //   * every op checks its inputs and raises c10::Error ("fastlla::<op>: <message>") naming the
-//     offending argument.
+//     offending argument; the CPU, CUDA, reference and fake (meta) kernels make the same checks
+//     (csrc/checks.h, fastlla/_ops.py), so tensors on different devices (meta included) are an
+//     error, never a silently empty result.
+//   * autograd: kernel_matching_loss is differentiable (twice); ggn_accumulate passes the
+//     gradient of h through; every other derivative raises "not differentiable with respect
+//     to <argument>" when a backward pass reaches it. Mutated arguments (h, out) have their
+//     version counter bumped, so autograd sees the change.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -104,7 +110,8 @@ inline void ggn_accumulate(at::Tensor& h, const at::Tensor& phi,
 }
 
 /// New lower L' (M, M) with L'L'ᵀ = LLᵀ + WWᵀ (downdate: − WWᵀ); W (M, k). O(M²k).
-/// Raises when a downdate leaves a matrix that is not positive definite.
+/// Only the lower triangle of L is read (the strict upper triangle is ignored).
+/// Raises when the result is not positive definite.
 inline at::Tensor cholesky_update(const at::Tensor& L, const at::Tensor& W,
                                   bool downdate = false) {
   static auto h = detail::op<sig::cholesky_update>("fastlla::cholesky_update");
@@ -124,7 +131,7 @@ inline at::Tensor predictive_variance(const at::Tensor& L, const at::Tensor& phi
 }
 
 /// (1/S) Σ_s softmax(mean + scale_tril ε_s), ε_{s,b,c} keyed by (seed, s, b, c); mean (B, C),
-/// scale_tril (B, C, C). No S×B×C tensor is formed.
+/// scale_tril (B, C, C). No S×B×C tensor is formed. 1 ≤ n_samples ≤ 2^20 (else an error).
 inline at::Tensor mc_softmax(const at::Tensor& mean, const at::Tensor& scale_tril,
                              int64_t n_samples, int64_t seed = 0) {
   static auto h = detail::op<sig::mc_softmax>("fastlla::mc_softmax");
@@ -132,7 +139,7 @@ inline at::Tensor mc_softmax(const at::Tensor& mean, const at::Tensor& scale_tri
 }
 
 /// Fill out (S, P), contiguous, in place with tangents keyed by (seed, step, s, p);
-/// distribution "rademacher" (±1) or "gaussian".
+/// distribution "rademacher" (±1) or "gaussian". out must not require grad.
 inline void random_tangents(at::Tensor& out, int64_t seed, int64_t step,
                             c10::string_view distribution = "rademacher") {
   static auto h = detail::op<sig::random_tangents>("fastlla::random_tangents");

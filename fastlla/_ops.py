@@ -6,7 +6,16 @@ with CUDA, CUDA) kernels. When it is absent the same schemas are declared from P
 (op, device) pair without a native kernel then gets the pure-PyTorch reference of
 :mod:`fastlla.reference`, wrapped in the same input checks the C++ kernels make, so callers see
 one set of ops and one set of errors whichever backend runs. Fake (meta) and autograd
-registrations are shared by both paths.
+registrations are shared by both paths; the fake kernels make the same checks too, so arguments
+on different devices (a meta tensor among CPU ones included) raise instead of returning an
+uninitialised tensor.
+
+Autograd contract (every backend): ``kernel_matching_loss`` is differentiable in ``phi`` and ``z``
+(twice); ``ggn_accumulate`` passes the gradient of ``h`` through; every other derivative raises
+``fastlla::<op>: not differentiable with respect to <argument>`` when a backward pass reaches it.
+The mutated arguments (``h`` of ``ggn_accumulate``, ``out`` of ``random_tangents``) have their
+version counter bumped, so autograd detects a tensor overwritten after being saved for backward;
+``out`` must not require grad.
 
 :data:`BACKENDS` records which implementation each op uses on each device.
 """
@@ -33,6 +42,7 @@ __all__ = [
     "predictive_variance",
     "mc_softmax",
     "random_tangents",
+    "MAX_MC_SAMPLES",
     "cuda_version",
     "backend_report",
 ]
@@ -54,6 +64,9 @@ SCHEMAS: dict[str, str] = {
 }
 DEVICE_KEYS = ("CPU", "CUDA")
 DISTRIBUTIONS = ("rademacher", "gaussian")
+#: The most samples ``mc_softmax`` draws (2^20, as ``kMaxMcSamples`` in csrc/checks.h): far beyond
+#: useful accuracy (the Monte-Carlo error falls as 1/√S) and a bound on every backend's run time.
+MAX_MC_SAMPLES = 2**20
 
 
 # --------------------------------------------------------------------------- input checks
@@ -61,6 +74,10 @@ DISTRIBUTIONS = ("rademacher", "gaussian")
 def _check(cond: bool, op: str, message: str) -> None:
     if not cond:
         raise RuntimeError(f"fastlla::{op}: {message}")
+
+
+def _check_defined(op: str, name: str, t: Tensor) -> None:
+    _check(isinstance(t, Tensor), op, f"{name} must be a tensor, got None")
 
 
 def _check_float(op: str, name: str, t: Tensor) -> None:
@@ -72,6 +89,7 @@ def _check_float(op: str, name: str, t: Tensor) -> None:
 
 
 def _check_dim(op: str, name: str, t: Tensor, dim: int) -> None:
+    _check_defined(op, name, t)
     _check(t.dim() == dim, op, f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
 
 
@@ -108,6 +126,20 @@ def check_kernel_matching_loss(phi: Tensor, z: Tensor, n_train: int, op: str = "
         0 <= n_train <= phi.shape[0],
         op,
         f"n_train must lie in [0, {phi.shape[0]}] (the number of rows), got {n_train}",
+    )
+
+
+def check_kernel_matching_loss_backward(grad: Tensor, phi: Tensor, z: Tensor, n_train: int) -> None:
+    op = "kernel_matching_loss_backward"
+    check_kernel_matching_loss(phi, z, n_train, op)
+    _check_defined(op, "grad", grad)
+    _check(
+        grad.numel() == 1, op, f"grad must hold one element, got shape {tuple(grad.shape)}"
+    )
+    _check(
+        grad.device == phi.device,
+        op,
+        f"grad must be on the device of phi ({phi.device}), got {grad.device}",
     )
 
 
@@ -172,12 +204,22 @@ def check_mc_softmax(mean: Tensor, scale_tril: Tensor, n_samples: int, seed: int
         f"scale_tril must be (B, C, C) = {(B, C, C)}, got {tuple(scale_tril.shape)}",
     )
     _check(n_samples >= 1, op, f"n_samples must be at least 1, got {n_samples}")
+    _check(
+        n_samples <= MAX_MC_SAMPLES,
+        op,
+        f"n_samples must be at most {MAX_MC_SAMPLES} (2^20), got {n_samples}",
+    )
 
 
 def check_random_tangents(out: Tensor, seed: int, step: int, distribution: str) -> None:
     op = "random_tangents"
     _check_dim(op, "out", out, 2)
     _check_float(op, "out", out)
+    _check(
+        not out.requires_grad,
+        op,
+        "out must not require grad (it is overwritten and has no derivative)",
+    )
     _check(out.is_contiguous(), op, "out must be contiguous (it is filled in place)")
     _check(
         out.shape[1] < 2**32,
@@ -197,6 +239,8 @@ def _cholesky_update_reference(L: Tensor, W: Tensor, downdate: bool = False) -> 
 
 
 def _checked(check: Callable, kernel: Callable) -> Callable:
+    # The dispatcher omits arguments equal to their schema default when it calls a Python
+    # kernel (cholesky_update's `downdate`), so the check and the kernel must default them too.
     def run(*args):
         check(*args)
         return kernel(*args)
@@ -205,29 +249,30 @@ def _checked(check: Callable, kernel: Callable) -> Callable:
     return run
 
 
-_REFERENCE_KERNELS: dict[str, Callable] = {
-    "kernel_matching_loss": _checked(check_kernel_matching_loss, reference.kernel_matching_loss),
-    "kernel_matching_loss_backward": _checked(
-        lambda g, phi, z, n: check_kernel_matching_loss(
-            phi, z, n, op="kernel_matching_loss_backward"
-        ),
-        reference.kernel_matching_loss_backward,
-    ),
-    "ggn_accumulate": _checked(check_ggn_accumulate, reference.ggn_accumulate),
-    # The dispatcher omits arguments equal to their schema default when it calls a Python
-    # kernel, so `downdate` must default here too.
-    "cholesky_update": _checked(check_cholesky_update, _cholesky_update_reference),
-    "predictive_covariance": _checked(
-        lambda L, phi: check_predictive(L, phi, "predictive_covariance"),
-        reference.predictive_covariance,
-    ),
-    "predictive_variance": _checked(
-        lambda L, phi: check_predictive(L, phi, "predictive_variance"),
-        reference.predictive_variance,
-    ),
-    "mc_softmax": _checked(check_mc_softmax, reference.mc_softmax),
-    "random_tangents": _checked(check_random_tangents, reference.random_tangents),
+#: The input check of every op, shared by the reference and the fake kernels (and mirrored by
+#: csrc/checks.h for the native CPU and CUDA kernels).
+CHECKS: dict[str, Callable] = {
+    "kernel_matching_loss": check_kernel_matching_loss,
+    "kernel_matching_loss_backward": check_kernel_matching_loss_backward,
+    "ggn_accumulate": check_ggn_accumulate,
+    "cholesky_update": check_cholesky_update,
+    "predictive_covariance": lambda L, phi: check_predictive(L, phi, "predictive_covariance"),
+    "predictive_variance": lambda L, phi: check_predictive(L, phi, "predictive_variance"),
+    "mc_softmax": check_mc_softmax,
+    "random_tangents": check_random_tangents,
 }
+
+_REFERENCE_KERNELS: dict[str, Callable] = {
+    "kernel_matching_loss": reference.kernel_matching_loss,
+    "kernel_matching_loss_backward": reference.kernel_matching_loss_backward,
+    "ggn_accumulate": reference.ggn_accumulate,
+    "cholesky_update": _cholesky_update_reference,
+    "predictive_covariance": reference.predictive_covariance,
+    "predictive_variance": reference.predictive_variance,
+    "mc_softmax": reference.mc_softmax,
+    "random_tangents": reference.random_tangents,
+}
+_REFERENCE_KERNELS = {name: _checked(CHECKS[name], k) for name, k in _REFERENCE_KERNELS.items()}
 
 
 # --------------------------------------------------------------------------- loading
@@ -300,49 +345,51 @@ def backend_report() -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- fake + autograd
-@torch.library.register_fake("fastlla::kernel_matching_loss")
-def _(phi, z, n_train):
+# --------------------------------------------------------------------------- fake kernels
+# Each runs the op's check first: a fake kernel also serves the Meta key, which the dispatcher
+# picks whenever any argument is a meta tensor.
+def _fake_kernel_matching_loss(phi, z, n_train):
     return phi.new_empty(())
 
 
-@torch.library.register_fake("fastlla::kernel_matching_loss_backward")
-def _(grad, phi, z, n_train):
+def _fake_kernel_matching_loss_backward(grad, phi, z, n_train):
     return torch.empty_like(phi), torch.empty_like(z)
 
 
-@torch.library.register_fake("fastlla::ggn_accumulate")
-def _(h, phi, logits):
+def _fake_ggn_accumulate(h, phi, logits):
     return None
 
 
-@torch.library.register_fake("fastlla::cholesky_update")
-def _(L, W, downdate=False):
+def _fake_cholesky_update(L, W, downdate=False):
     return torch.empty_like(L, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("fastlla::predictive_covariance")
-def _(L, phi):
+def _fake_predictive_covariance(L, phi):
     B, _, C = phi.shape
     return phi.new_empty((B, C, C))
 
 
-@torch.library.register_fake("fastlla::predictive_variance")
-def _(L, phi):
+def _fake_predictive_variance(L, phi):
     B, _, C = phi.shape
     return phi.new_empty((B, C))
 
 
-@torch.library.register_fake("fastlla::mc_softmax")
-def _(mean, scale_tril, n_samples, seed):
+def _fake_mc_softmax(mean, scale_tril, n_samples, seed):
     return torch.empty_like(mean, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("fastlla::random_tangents")
-def _(out, seed, step, distribution):
+def _fake_random_tangents(out, seed, step, distribution):
     return None
 
 
+_FAKE_KERNELS: dict[str, Callable] = {
+    name: _checked(CHECKS[name], globals()[f"_fake_{name}"]) for name in SCHEMAS
+}
+for _name, _fake in _FAKE_KERNELS.items():
+    torch.library.register_fake(f"{NAMESPACE}::{_name}", _fake)
+
+
+# --------------------------------------------------------------------------- autograd
 def _loss_setup_context(ctx, inputs, output):
     phi, z, n_train = inputs
     ctx.save_for_backward(phi, z)
@@ -351,13 +398,122 @@ def _loss_setup_context(ctx, inputs, output):
 
 def _loss_backward(ctx, grad):
     phi, z = ctx.saved_tensors
-    grad_phi, grad_z = torch.ops.fastlla.kernel_matching_loss_backward(grad, phi, z, ctx.n_train)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad, phi, z)):
+        # create_graph=True (double backward): the reference formula, built from
+        # differentiable torch ops, instead of the fused kernel, which has no derivative.
+        grad_phi, grad_z = reference.kernel_matching_loss_backward(grad, phi, z, ctx.n_train)
+    else:
+        grad_phi, grad_z = torch.ops.fastlla.kernel_matching_loss_backward(
+            grad, phi, z, ctx.n_train
+        )
     return grad_phi, grad_z, None
 
 
 torch.library.register_autograd(
     "fastlla::kernel_matching_loss", _loss_backward, setup_context=_loss_setup_context
 )
+
+
+def _not_differentiable(op: str, names: tuple[str, ...]) -> None:
+    raise RuntimeError(
+        f"fastlla::{op}: not differentiable with respect to {', '.join(names)} (the op has no "
+        "derivative formula); detach the input or run the op under torch.no_grad()"
+    )
+
+
+def _register_no_derivative(name: str) -> None:
+    """Autograd of a functional op without a formula: backward names the inputs and raises.
+
+    The error is raised only when a backward pass reaches the op, so inputs that merely require
+    grad (features straight from a network) are accepted; the forward runs below autograd.
+    """
+    arg_names = [a.name for a in getattr(torch.ops.fastlla, name).default._schema.arguments]
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        _not_differentiable(
+            name, tuple(n for n, need in zip(arg_names, ctx.needs_input_grad) if need)
+        )
+
+    torch.library.register_autograd(
+        f"{NAMESPACE}::{name}", backward, setup_context=setup_context
+    )
+
+
+for _name in (
+    "kernel_matching_loss_backward",
+    "cholesky_update",
+    "predictive_covariance",
+    "predictive_variance",
+    "mc_softmax",
+):
+    _register_no_derivative(_name)
+
+
+# The two ops that mutate an argument: an ADInplaceOrView kernel bumps its version counter after
+# a successful call (as ATen's in-place ops do; the dispatcher does not for custom ops), and an
+# Autograd kernel runs the op below autograd.
+def _register_mutating(name: str, autograd_impl: Callable) -> None:
+    op = getattr(torch.ops.fastlla, name).default
+
+    def inplace_or_view(keyset, *args):
+        result = op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
+        torch.autograd.graph.increment_version(args[0])
+        return result
+
+    def autograd(keyset, *args):
+        return autograd_impl(op, keyset & torch._C._after_autograd_keyset, *args)
+
+    _lib_impl.impl(name, inplace_or_view, "ADInplaceOrView", with_keyset=True)
+    _lib_impl.impl(name, autograd, "Autograd", with_keyset=True)
+
+
+def _below_autograd(op, keyset, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.redispatch(keyset, *args)
+
+
+class _GGNAccumulate(torch.autograd.Function):
+    """``h += GGN(phi, logits)`` for autograd: ``d h_new / d h = I``, no formula for phi/logits."""
+
+    @staticmethod
+    def forward(ctx, h, phi, logits, op, keyset):
+        _below_autograd(op, keyset, h, phi, logits)
+        ctx.mark_dirty(h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        names = tuple(n for n, need in zip(("phi", "logits"), ctx.needs_input_grad[1:3]) if need)
+        if names:
+            _not_differentiable("ggn_accumulate", names)
+        return grad, None, None, None, None
+
+
+def _ggn_accumulate_autograd(op, keyset, h, phi, logits=None):
+    tensors = (h, phi) if logits is None else (h, phi, logits)
+    if torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in tensors
+    ):
+        # h joins the graph (mark_dirty); backward through it to phi or logits raises
+        # "not differentiable". A leaf h that requires grad is refused before anything is
+        # written (mark_dirty would raise only after the kernel ran).
+        _check(
+            not (h.requires_grad and h.is_leaf),
+            "ggn_accumulate",
+            "h is a leaf that requires grad: a leaf Variable that requires grad cannot be "
+            "updated in place outside torch.no_grad()",
+        )
+        _GGNAccumulate.apply(h, phi, logits, op, keyset)
+        return None
+    return _below_autograd(op, keyset, h, phi, logits)
+
+
+_register_mutating("ggn_accumulate", _ggn_accumulate_autograd)
+# random_tangents: every backend rejects an `out` that requires grad.
+_register_mutating("random_tangents", _below_autograd)
 
 
 # --------------------------------------------------------------------------- typed wrappers
@@ -383,7 +539,11 @@ def ggn_accumulate(h: Tensor, phi: Tensor, logits: Tensor | None = None) -> Tens
 
 
 def cholesky_update(L: Tensor, W: Tensor, downdate: bool = False) -> Tensor:
-    """Lower ``L'`` with ``L'L'ᵀ = LLᵀ + WWᵀ`` (or ``− WWᵀ`` when ``downdate``)."""
+    """Lower ``L'`` with ``L'L'ᵀ = LLᵀ + WWᵀ`` (or ``− WWᵀ`` when ``downdate``).
+
+    Only the lower triangle of ``L`` is read. Raises RuntimeError when the result is not
+    positive definite.
+    """
     return torch.ops.fastlla.cholesky_update(L, W, downdate)
 
 
@@ -398,11 +558,17 @@ def predictive_variance(L: Tensor, phi: Tensor) -> Tensor:
 
 
 def mc_softmax(mean: Tensor, scale_tril: Tensor, n_samples: int, seed: int = 0) -> Tensor:
-    """Monte-Carlo average of ``softmax(mean + scale_tril ε)`` over ``n_samples`` draws."""
+    """Monte-Carlo average of ``softmax(mean + scale_tril ε)`` over ``n_samples`` draws.
+
+    ``1 ≤ n_samples ≤`` :data:`MAX_MC_SAMPLES` (2^20); outside that range a RuntimeError.
+    """
     return torch.ops.fastlla.mc_softmax(mean, scale_tril, int(n_samples), int(seed))
 
 
 def random_tangents(out: Tensor, seed: int, step: int, distribution: str = "rademacher") -> Tensor:
-    """Fill ``out`` (S, P) with tangents regenerable from ``(seed, step)``; returns ``out``."""
+    """Fill ``out`` (S, P) with tangents regenerable from ``(seed, step)``; returns ``out``.
+
+    ``out`` must be a contiguous float32/float64 tensor that does not require grad.
+    """
     torch.ops.fastlla.random_tangents(out, int(seed), int(step), distribution)
     return out

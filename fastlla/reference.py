@@ -90,13 +90,18 @@ def ggn_accumulate(h: Tensor, phi: Tensor, logits: Tensor | None) -> None:
 
 
 def cholesky_update(L: Tensor, W: Tensor, downdate: bool) -> Tensor:
-    """Lower ``L'`` with ``L'L'ᵀ = LLᵀ ± WWᵀ`` (here by refactorising: the oracle)."""
+    """Lower ``L'`` with ``L'L'ᵀ = LLᵀ ± WWᵀ`` (here by refactorising: the oracle).
+
+    Only the lower triangle of ``L`` is read, as in the native kernels.
+    """
+    L = L.tril()
     A = L @ L.mT
     A = A - W @ W.mT if downdate else A + W @ W.mT
     L_new, info = torch.linalg.cholesky_ex(A)
     if info.item() != 0:
+        which = "downdated" if downdate else "updated"
         raise RuntimeError(
-            "fastlla::cholesky_update: the downdated matrix is not positive definite"
+            f"fastlla::cholesky_update: the {which} matrix is not positive definite"
         )
     return L_new
 
@@ -140,7 +145,7 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def hash4(a: int, b: int, c: Tensor, d: Tensor) -> Tensor:
+def hash4(a: int, b: int | Tensor, c: Tensor, d: Tensor) -> Tensor:
     """Counter-based 32-bit hash of four counters (int64 tensors holding uint32 values)."""
     h = _mix32(torch.full_like(d, (a & _MASK) ^ 0x9E3779B9))
     h = _mix32(h ^ (b & _MASK))
@@ -153,8 +158,11 @@ def uniform_from_hash(h: Tensor) -> Tensor:
     return (h.double() + 0.5) / 4294967296.0
 
 
-def _normal(seed: int, step: int, row: Tensor, col: Tensor) -> Tensor:
-    """Box–Muller standard normals keyed by ``(seed, step, row, col)``, float64."""
+def _normal(seed: int, step: int | Tensor, row: Tensor, col: Tensor) -> Tensor:
+    """Box–Muller standard normals keyed by ``(seed, step, row, col)``, float64.
+
+    ``step`` may be a tensor broadcastable to ``col`` (several steps at once).
+    """
     u1 = uniform_from_hash(hash4(seed, step, 2 * row, col))
     u2 = uniform_from_hash(hash4(seed, step, 2 * row + 1, col))
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
@@ -186,13 +194,15 @@ def mc_softmax(mean: Tensor, scale_tril: Tensor, n_samples: int, seed: int) -> T
     ``(B, C, C)``. Normals come from ``hash4(seed, s, 2b, c)`` and ``hash4(seed, s, 2b+1, c)``.
     """
     B, C = mean.shape
-    out = torch.zeros_like(mean)
     if B == 0 or C == 0 or n_samples == 0:
-        return out
-    b = torch.arange(B, device=mean.device).unsqueeze(1).expand(B, C)
-    c = torch.arange(C, device=mean.device).unsqueeze(0).expand(B, C)
-    for s in range(n_samples):
-        eps = _normal(seed, s, b, c).to(mean.dtype)
-        f = mean + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
-        out += torch.softmax(f, dim=-1)
-    return out / n_samples
+        return torch.zeros_like(mean)
+    acc = torch.zeros(B, C, dtype=torch.float64, device=mean.device)  # as the native kernels
+    b = torch.arange(B, device=mean.device).view(1, B, 1)
+    c = torch.arange(C, device=mean.device).view(1, 1, C)
+    chunk = max(1, 2**16 // (B * C))  # samples per vectorised step: bounded memory
+    for s0 in range(0, n_samples, chunk):
+        s = torch.arange(s0, min(s0 + chunk, n_samples), device=mean.device).view(-1, 1, 1)
+        eps = _normal(seed, s, b.expand(s.shape[0], B, C), c.expand(s.shape[0], B, C))
+        f = mean + (scale_tril @ eps.to(mean.dtype).unsqueeze(-1)).squeeze(-1)
+        acc += torch.softmax(f, dim=-1).sum(dim=0, dtype=torch.float64)
+    return (acc / n_samples).to(mean.dtype)

@@ -208,7 +208,8 @@ at::Tensor cholesky_update_cuda(const at::Tensor& L, const at::Tensor& W, bool d
     });
     // Synchronises (as the reference's cholesky_ex info check does).
     FASTLLA_CHECK(flag.item<int>() == 0, "cholesky_update",
-                  "the downdated matrix is not positive definite");
+                  downdate ? "the downdated matrix is not positive definite"
+                           : "the updated matrix is not positive definite");
   }
   return U.t().contiguous();
 }
