@@ -18,7 +18,13 @@ change to the call:
   because ``DistributedSampler`` pads the last shard with repeated samples that would count twice
   in ``H``. Any other loader (or list of batches) is **unsharded**: every rank passes the same
   loader, which must yield the same batches in the same order on every rank (no shuffling, or a
-  seeded one), and rank ``r`` keeps batches ``r, r + W, r + 2W, …``.
+  seeded one), and rank ``r`` keeps batches ``r, r + W, r + 2W, …``. For a plain
+  ``DataLoader`` over a map-style dataset only those batches are loaded (its batch sampler is
+  strided, the other ranks' indices are never read), so each rank reads its share of the dataset
+  plus the first batch, which every rank reads at fit start to check the ranks agree. Any other
+  iterable (an ``IterableDataset``, a ``DataLoader`` subclass, a generator) is read in full by
+  every rank, which drops the batches that are not its own; shard such data with a
+  ``DistributedSampler`` instead.
 * **Surrogate training.** Each rank draws its own tangents from a rank-aware seed
   (:func:`rank_seed`; rank 0 keeps the estimator's seed, so a one-process fit is unchanged),
   and after each backward pass the surrogate's gradients are averaged over the ranks in one
@@ -28,10 +34,15 @@ change to the call:
   ``H``, the statistics and the data count are then all-reduced (summed), so every rank ends with
   the identical posterior and hyper-parameters.
 
-Faults: a rank that dies makes the others' next collective fail; pass ``timeout=`` to
-``init_process_group`` so a silent one gives an error after that time instead of a hang (gloo
-honours it directly; for NCCL keep ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` at its default so a timed
-out collective aborts the process).
+Faults: the ranks agree on failure. An exception on one rank — a NaN in its shard, a loader
+that raises, a NaN in the network's JVPs, a failing callback — is carried to every rank at the
+next collective of the fit (fit start, each training step's gradient all-reduce, the posterior's
+all-reduce): the rank that failed raises its own exception (with a note naming its rank), every
+other rank raises :class:`DistributedMismatchError` naming the failed rank and its error, and the
+process group stays usable. A rank that dies makes the others' next collective fail; pass
+``timeout=`` to ``init_process_group`` so a silent one gives an error after that time instead of
+a hang (gloo honours it directly; for NCCL keep ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` at its
+default so a timed out collective aborts the process).
 
 Multi-GPU (NCCL) with torchrun, one process per GPU::
 
@@ -58,6 +69,7 @@ Multi-node: ``torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -69,6 +81,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "DistributedMismatchError",
+    "Fault",
     "Group",
     "current_group",
     "rank_seed",
@@ -141,15 +154,14 @@ def is_presharded(loader: Any) -> bool:
 
 
 class _BatchStride:
-    """Batches ``rank, rank + W, …`` of an unsharded loader (which every rank iterates)."""
+    """Items ``rank, rank + W, …`` of an iterable: the batches of an unsharded loader (which
+    every rank iterates), or the index lists of its batch sampler (nothing else is loaded)."""
 
     def __init__(self, loader: Iterable, rank: int, world_size: int):
         self.loader, self.rank, self.world_size = loader, rank, world_size
 
     def __iter__(self) -> Iterator[Any]:
-        for i, batch in enumerate(self.loader):
-            if i % self.world_size == self.rank:
-                yield batch
+        return itertools.islice(self.loader, self.rank, None, self.world_size)
 
     def __len__(self) -> int:
         n = len(self.loader)  # type: ignore[arg-type]
@@ -191,6 +203,33 @@ def _exact_partition(loader: Any, group: Group) -> Any:
     )
 
 
+# The DataLoader settings a strided copy keeps (those this torch version has).
+_LOADER_OPTIONS = (
+    "num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+    "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers",
+    "pin_memory_device", "in_order",
+)  # fmt: skip
+
+
+def _strided_loader(loader: Any, group: Group) -> Any:
+    """A plain map-style ``DataLoader`` that loads only batches ``rank, rank + W, …``, or ``None``.
+
+    Its batch sampler (or, without automatic batching, its sampler) is strided, so the other
+    ranks' indices are skipped before anything is read; the batches are those the loader itself
+    would yield (same sampler and generator, collate function, workers).
+    """
+    data = torch.utils.data
+    if type(loader) is not data.DataLoader or isinstance(loader.dataset, data.IterableDataset):
+        return None  # a subclass may iterate its own way; a stream has no indices to skip
+    options = {k: getattr(loader, k) for k in _LOADER_OPTIONS if hasattr(loader, k)}
+    stride = (group.rank, group.world_size)
+    if loader.batch_sampler is not None:
+        which = {"batch_sampler": _BatchStride(loader.batch_sampler, *stride)}
+    else:
+        which = {"batch_size": None, "sampler": _BatchStride(loader.sampler, *stride)}
+    return data.DataLoader(loader.dataset, **which, **options)
+
+
 def shard(loader: Iterable | None, stage: str = "train") -> Iterable | None:
     """This rank's share of ``loader`` (the loader itself without a process group).
 
@@ -202,7 +241,8 @@ def shard(loader: Iterable | None, stage: str = "train") -> Iterable | None:
         return loader
     if is_presharded(loader):
         return _exact_partition(loader, group) if stage == "posterior" else _EpochSetter(loader)
-    return _BatchStride(loader, group.rank, group.world_size)
+    strided = _strided_loader(loader, group)
+    return strided if strided is not None else _BatchStride(loader, group.rank, group.world_size)
 
 
 # --------------------------------------------------------------------------- agreement
@@ -212,10 +252,43 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
+def _describe(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def _raise_for(messages: list[str | None], error: BaseException | None, what: str) -> None:
+    """Raise on every rank if any rank's message is set (the ranks' messages, all-gathered).
+
+    A failed rank re-raises its own ``error`` with a note naming its rank; the others raise
+    :class:`DistributedMismatchError` naming the failed rank(s) and their errors.
+    """
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        return
+    world = len(messages)
+    if error is not None:
+        note = f"fastlla: {what} failed on rank {dist.get_rank()} of {world}; every rank raised"
+        if hasattr(error, "add_note"):  # Python ≥ 3.11
+            error.add_note(note)
+        raise error
+    ranks = ", ".join(str(r) for r, _ in failed)
+    shown = "; ".join(f"rank {r}: {m}" for r, m in failed[:3])
+    raise DistributedMismatchError(
+        f"fastlla: {what} failed on rank{'s' if len(failed) > 1 else ''} {ranks} of {world} "
+        f"({shown})"
+    )
+
+
+def _raise_agreed(error: BaseException | None, what: str) -> None:
+    """Collective, after an all-reduced failure flag came back set: every rank raises."""
+    _raise_for(_gather(_describe(error)), error, what)
+
+
 def agree(error: BaseException | None, what: str) -> None:
     """Collective: raise on every rank if ``error`` is set on any (no-op without a group).
 
-    The rank that failed re-raises its own error; the others raise
+    One all-reduced flag when every rank is healthy; the messages are all-gathered only on
+    failure. The rank that failed re-raises its own error; the others raise
     :class:`DistributedMismatchError` naming it.
     """
     group = current_group()
@@ -223,14 +296,44 @@ def agree(error: BaseException | None, what: str) -> None:
         if error is not None:
             raise error
         return
-    messages = _gather(None if error is None else f"{type(error).__name__}: {error}")
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-    if not failed:
-        return
-    if error is not None:
-        raise error
-    rank, message = failed[0]
-    raise DistributedMismatchError(f"fastlla: {what} failed on rank {rank}: {message}")
+    flag = group.to_comm(torch.tensor([0.0 if error is None else 1.0]))
+    dist.all_reduce(flag)
+    if float(flag[0]) > 0:
+        _raise_agreed(error, what)
+
+
+class Fault:
+    """This rank's exception in the local work between two collectives of a distributed fit.
+
+    Under a process group, ``with fault:`` keeps the first :class:`Exception` raised in its
+    block in ``fault.error`` instead of raising it, so that this rank still reaches the next
+    collective, which carries the failure to every rank and raises it there on all of them
+    (:meth:`agree`, :func:`average_gradients`, :func:`all_reduce_posterior`,
+    :func:`check_fit_start`). Code after a block must use nothing the block computed unless
+    ``fault.ok``. Without a process group the exception propagates at once.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self.error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def __enter__(self) -> Fault:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> bool:
+        if not isinstance(error, Exception) or current_group() is None:
+            return False
+        if self.error is None:
+            self.error = error
+        return True
+
+    def agree(self) -> None:
+        """Collective: raise on every rank if this fault is set on any."""
+        agree(self.error, self.what)
 
 
 def _weight_checksum(module: nn.Module) -> list[tuple[str, float, float, float]]:
@@ -263,16 +366,24 @@ def check_fit_start(
     context_loader: Iterable | None,
     first_inputs: Any,
     settings: dict[str, Any],
+    error: BaseException | None = None,
 ) -> None:
     """Collective checks at the start of a distributed fit; broadcast the surrogate.
 
     Every rank raises the same :class:`DistributedMismatchError` when the ranks disagree on the
     network's weights, on ``settings`` (which fix the number of steps), on the loaders' lengths,
-    or — for unsharded loaders — on the first batch. No-op without a process group.
+    or — for unsharded loaders — on the first batch. ``error``: this rank's failure in the fit's
+    preparation (the other arguments are then not read); every rank raises it, as in
+    :func:`agree`. Without a process group ``error`` is raised, else nothing happens.
     """
     group = current_group()
     if group is None:
+        if error is not None:
+            raise error
         return
+    if error is not None:  # the others gather their checks below: answer in the same collective
+        everyone = _gather({"error": _describe(error)})
+        _raise_for([d.get("error") for d in everyone], error, "fit")
     presharded = is_presharded(train_loader)
     settings = dict(settings)
     for name in ("seed", "likelihood", "n_features", "n_outputs", "prior_precision", "sigma_noise"):
@@ -290,6 +401,7 @@ def check_fit_start(
         "first batch": None if presharded else _batch_checksum(first_inputs),
     }
     everyone = _gather(mine)
+    _raise_for([d.get("error") for d in everyone], None, "fit")
     problems = []
     for key in mine:
         values = [d[key] for d in everyone]
@@ -351,15 +463,33 @@ def broadcast_module(module: nn.Module) -> None:
             t.copy_(buf.to(t.device))
 
 
-def average_gradients(params: Iterable[Tensor]) -> None:
-    """Average ``.grad`` over the ranks in one all-reduce (missing gradients count as zero)."""
+def average_gradients(
+    params: Iterable[Tensor], error: BaseException | None = None, what: str = "surrogate training"
+) -> None:
+    """Average ``.grad`` over the ranks in one all-reduce (missing gradients count as zero).
+
+    The all-reduce carries a failure flag: ``error`` (this rank's failure in the step, whose
+    gradients are then not read) raises on every rank, as in :func:`agree`.
+    """
     group = current_group()
     if group is None:
+        if error is not None:
+            raise error
         return
     params = list(params)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = group.to_comm(torch.cat([g.reshape(-1) for g in grads]))
+    if error is None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    else:
+        grads = [torch.zeros_like(p) for p in params]
+    flag = torch.tensor(
+        [0.0 if error is None else 1.0],
+        dtype=grads[0].dtype if grads else torch.float32,
+        device=grads[0].device if grads else None,
+    )
+    flat = group.to_comm(torch.cat([*(g.reshape(-1) for g in grads), flag]))
     dist.all_reduce(flat)
+    if float(flat[-1]) > 0:
+        _raise_agreed(error, what)
     flat /= group.world_size
     offset = 0
     for p, g in zip(params, grads):
@@ -378,18 +508,27 @@ def sum_over_ranks(*values: Tensor) -> tuple[Tensor, ...]:
     return tuple(flat[i].to(device=v.device, dtype=v.dtype) for i, v in enumerate(values))
 
 
-def all_reduce_posterior(estimator: Any, H: Tensor) -> None:
-    """Sum ``H`` (in place), the log-likelihood statistic and ``n_data`` over the ranks."""
+def all_reduce_posterior(
+    estimator: Any, H: Tensor, error: BaseException | None = None, what: str = "fit (posterior)"
+) -> None:
+    """Sum ``H`` (in place), the log-likelihood statistic and ``n_data`` over the ranks.
+
+    The first all-reduce carries a failure flag: ``error`` (this rank's failure in accumulating
+    its shard) raises on every rank, as in :func:`agree`, before anything is changed.
+    """
     group = current_group()
     if group is None:
+        if error is not None:
+            raise error
         return
+    mine = [0.0, 0.0, 1.0] if error is not None else [estimator._loglik_stat, estimator.n_data, 0]
+    stats = group.to_comm(torch.tensor(mine, dtype=torch.float64))
+    dist.all_reduce(stats)
+    if float(stats[2]) > 0:
+        _raise_agreed(error, what)
     buf = group.to_comm(H)
     dist.all_reduce(buf)
     H.copy_(buf)
-    stats = group.to_comm(
-        torch.tensor([estimator._loglik_stat, float(estimator.n_data)], dtype=torch.float64)
-    )
-    dist.all_reduce(stats)
     estimator._loglik_stat = float(stats[0])
     estimator.n_data = int(round(float(stats[1])))
 

@@ -339,41 +339,52 @@ class ScaLLA(LaplaceBase):
             classification (mixed images worsened the digits kernel error).
         time_budget : seconds of kernel matching for ``iterations="auto"``.
         """
-        auto = isinstance(iterations, str)
-        if auto and iterations != "auto":
-            raise ValueError(f"fastlla: iterations must be an int or 'auto', got {iterations!r}")
-        if auto and not (time_budget > 0 and math.isfinite(time_budget)):
-            raise ValueError(f"fastlla: time_budget must be positive, got {time_budget}")
-        if not auto and int(iterations) < 0:
-            raise ValueError(f"fastlla: iterations must be non-negative, got {iterations}")
-        if not (augment is None or callable(augment) or augment in ("auto", "mixup")):
-            raise ValueError(
-                f"fastlla: augment must be 'auto', 'mixup', None or a callable, got {augment!r}"
-            )
-        self._reset()
-        x0, _ = next(iter(self._batches(train_loader)))
-        f0 = self.network.output(x0)
-        self._check_outputs(f0)
-        self.n_outputs = f0.shape[-1]
-        surrogate = self._ensure_surrogate(self.n_outputs, context_loader is not None, x0)
-        surrogate.to(device=self.device)
-        with torch.no_grad():
-            self.n_features = self._surrogate_features(x0).shape[1]
-        if isinstance(surrogate, LastLayerSurrogate):
-            surrogate.fit_basis(x for x, _ in self._batches(train_loader))
-        self._train_config = {
-            "n_projections": int(n_projections), "schedule": schedule, "ema": ema,
-            "callback": callback, "callback_every": max(int(callback_every), 1),
-            "augment": self._resolve_augment(augment, x0),
-            "time_budget": float(time_budget) if auto else None,
-        }  # fmt: skip
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"fastlla: schedule must be 'cosine' or 'constant', got {schedule!r}")
-        settings = dict(
-            iterations=iterations if auto else int(iterations), n_projections=n_projections, lr=lr
-        )
-        settings.update(distribution=distribution)
-        distributed.check_fit_start(self, train_loader, context_loader, x0, settings)
+        # Under torch.distributed a rank's failure here (bad arguments, a NaN in its first batch)
+        # is held and raised on every rank by the collective check_fit_start.
+        fault = distributed.Fault("fit")
+        with fault:
+            auto = isinstance(iterations, str)
+            if auto and iterations != "auto":
+                raise ValueError(
+                    f"fastlla: iterations must be an int or 'auto', got {iterations!r}"
+                )
+            if auto and not (time_budget > 0 and math.isfinite(time_budget)):
+                raise ValueError(f"fastlla: time_budget must be positive, got {time_budget}")
+            if not auto and int(iterations) < 0:
+                raise ValueError(f"fastlla: iterations must be non-negative, got {iterations}")
+            if not (augment is None or callable(augment) or augment in ("auto", "mixup")):
+                raise ValueError(
+                    f"fastlla: augment must be 'auto', 'mixup', None or a callable, got {augment!r}"
+                )
+            self._reset()
+            x0, _ = next(iter(self._batches(train_loader)))
+            f0 = self.network.output(x0)
+            self._check_outputs(f0)
+            self.n_outputs = f0.shape[-1]
+            surrogate = self._ensure_surrogate(self.n_outputs, context_loader is not None, x0)
+            surrogate.to(device=self.device)
+            with torch.no_grad():
+                self.n_features = self._surrogate_features(x0).shape[1]
+            if isinstance(surrogate, LastLayerSurrogate):
+                surrogate.fit_basis(x for x, _ in self._batches(train_loader))
+            self._train_config = {
+                "n_projections": int(n_projections), "schedule": schedule, "ema": ema,
+                "callback": callback, "callback_every": max(int(callback_every), 1),
+                "augment": self._resolve_augment(augment, x0),
+                "time_budget": float(time_budget) if auto else None,
+            }  # fmt: skip
+            if schedule not in ("cosine", "constant"):
+                raise ValueError(
+                    f"fastlla: schedule must be 'cosine' or 'constant', got {schedule!r}"
+                )
+            settings = dict(
+                iterations=iterations if auto else int(iterations), n_projections=n_projections,
+                lr=lr, distribution=distribution,
+            )  # fmt: skip
+        distributed.check_fit_start(
+            self, train_loader, context_loader, x0 if fault.ok else None,
+            settings if fault.ok else {}, fault.error,
+        )  # fmt: skip
         if auto or iterations:
             self._train_surrogate(
                 train_loader, context_loader, AUTO_MAX_STEPS if auto else int(iterations),
@@ -447,37 +458,45 @@ class ScaLLA(LaplaceBase):
                 bar.total = horizon[0]
                 bar.refresh()
             bar.update(1)
-            x = next(train_batches)
-            if cfg.get("augment") is not None:
-                x = cfg["augment"](x, step)
-            n_train = batch_size(x)
-            if context_batches is not None:
-                x = concat_batches(x, next(context_batches))
-            tangents = sampler.tangents(step, p0.device, p0.dtype)
-            _, z = sampler.project(x, step, tangents)
-            psi = None
-            if exact_block is not None:
-                psi = exact_block.psi(x)
-                z = z - exact_block.head_jvp(tangents, psi, self.network.names)
-            if not torch.isfinite(z).all():
-                raise ValueError("fastlla: the network's JVPs contain NaN or Inf")
-            target = stack_rows(z)
+            # Under torch.distributed a rank's failure in the step's local work (its batch, NaN
+            # checks) is held and raised on every rank by the step's collectives.
+            fault = distributed.Fault(f"fit (surrogate training, step {step})")
+            with fault:
+                x = next(train_batches)
+                if cfg.get("augment") is not None:
+                    x = cfg["augment"](x, step)
+                n_train = batch_size(x)
+                if context_batches is not None:
+                    x = concat_batches(x, next(context_batches))
+                tangents = sampler.tangents(step, p0.device, p0.dtype)
+                _, z = sampler.project(x, step, tangents)
+                psi = None
+                if exact_block is not None:
+                    psi = exact_block.psi(x)
+                    z = z - exact_block.head_jvp(tangents, psi, self.network.names)
+                if not torch.isfinite(z).all():
+                    raise ValueError("fastlla: the network's JVPs contain NaN or Inf")
+                target = stack_rows(z)
 
-            def learned_features() -> Tensor:
-                if exact_block is None:
-                    return surrogate_features(surrogate, x)
-                return exact_block.learned_features(x, psi)
+                def learned_features() -> Tensor:
+                    if exact_block is None:
+                        return surrogate_features(surrogate, x)
+                    return exact_block.learned_features(x, psi)
 
-            phi = check_surrogate_output(learned_features(), x, self.n_outputs)
-            rows = phi.permute(0, 2, 1).reshape(-1, phi.shape[1])
-            if step == 0:
-                self._calibrate_scale(rows.detach(), target, surrogate)
-                phi = learned_features()
+                phi = check_surrogate_output(learned_features(), x, self.n_outputs)
                 rows = phi.permute(0, 2, 1).reshape(-1, phi.shape[1])
-            loss = _ops.kernel_matching_loss(rows, target, n_train * self.n_outputs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(params)
+            if step == 0:  # the calibration is a collective: every rank must reach it healthy
+                fault.agree()
+                self._calibrate_scale(rows.detach(), target, surrogate)
+            with fault:
+                if fault.ok:  # (nothing to compute after a failure above)
+                    if step == 0:
+                        phi = learned_features()
+                        rows = phi.permute(0, 2, 1).reshape(-1, phi.shape[1])
+                    loss = _ops.kernel_matching_loss(rows, target, n_train * self.n_outputs)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+            distributed.average_gradients(params, fault.error, fault.what)
             optimizer.step()
             schedule.step()
             if rhead is not None:
@@ -495,8 +514,10 @@ class ScaLLA(LaplaceBase):
             )
             if callback is not None and ((step + 1) % every == 0 or step + 1 == horizon[0]):
                 t0 = time.perf_counter()
-                with _swapped(params, averaged):
+                fault = distributed.Fault(f"fit (callback after step {step + 1})")
+                with fault, _swapped(params, averaged):
                     callback(step + 1, self)
+                fault.agree()
                 paused += time.perf_counter() - t0
         bar.close()
         if averaged is not None:
@@ -523,22 +544,28 @@ class ScaLLA(LaplaceBase):
         self, rhead: ResidualHead, opt: Any, x: Any, z: Tensor, phi: Tensor, first: bool
     ) -> None:
         """One step of the residual head on ``(1/S) Σ_s z_s z_sᵀ − g gᵀ`` per input."""
-        with torch.no_grad():
-            kappa = torch.einsum("sbc,sbd->bcd", z, z) / z.shape[0]
-            target = kappa - phi.mT @ phi
-        R = rhead(x)
+        fault = distributed.Fault("fit (residual head)")  # as in the surrogate's training step
+        with fault:
+            with torch.no_grad():
+                kappa = torch.einsum("sbc,sbd->bcd", z, z) / z.shape[0]
+                target = kappa - phi.mT @ phi
+            R = rhead(x)
         if first:  # start at a tenth of the kernel's diagonal (the residual's scale is unknown)
+            fault.agree()  # the scale is a collective: every rank must reach it healthy
             with torch.no_grad():
                 num, den = distributed.sum_over_ranks(  # the same scale on every rank
                     torch.diagonal(kappa, dim1=1, dim2=2).sum(), R.square().sum()
                 )
                 ratio = 0.1 * num.clamp_min(1e-30) / den.clamp_min(1e-30)
                 rhead.output_scale.mul_(ratio.sqrt())
-            R = rhead(x)
-        loss = (R @ R.mT - target).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.average_gradients(list(rhead.parameters()))
+        with fault:
+            if fault.ok:
+                if first:
+                    R = rhead(x)
+                loss = (R @ R.mT - target).square().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+        distributed.average_gradients(list(rhead.parameters()), fault.error, fault.what)
         opt.step()
 
     def _residual_block(
@@ -609,13 +636,14 @@ class ScaLLA(LaplaceBase):
         H = torch.zeros(M, M, dtype=self.dtype, device=self.device)
         classification = self.likelihood is Likelihood.CLASSIFICATION
         shard = distributed.shard(loader, "posterior")  # this rank's share (torch.distributed)
-        with torch.no_grad():
+        fault = distributed.Fault("fit (posterior)")  # raised on every rank by the all-reduce
+        with fault, torch.no_grad():
             for x, y in tqdm(self._batches(shard), disable=not progress_bar, desc="ScaLLA GGN"):
                 f = self.network.output(x)
                 self._accumulate_loglik(f, y)
                 phi = self._surrogate_features(x)
                 _ops.ggn_accumulate(H, phi.contiguous(), f if classification else None)
-        distributed.all_reduce_posterior(self, H)
+        distributed.all_reduce_posterior(self, H, fault.error, fault.what)
         self.posterior = FeaturePosterior(H)
         self._fitted = True
 
