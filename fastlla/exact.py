@@ -111,6 +111,8 @@ class ExactLLA(LaplaceBase):
         rows = []
         for x, y in tqdm(self._batches(train_loader), disable=not progress_bar, desc="ExactLLA"):
             f = self.network.output(x)
+            if self.n_data == 0:  # the first batch
+                self._check_network(x, f)
             self._accumulate_loglik(f, y)
             J = self._jacobians(x)
             classification = self.likelihood is Likelihood.CLASSIFICATION

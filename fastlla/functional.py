@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
+from .forward_ad import explain_forward_ad_error, forward_ad_kernels, has_rnn
+
 __all__ = ["NetworkFunction", "call_module", "batch_size", "slice_batch", "concat_batches", "to_device", "check_finite"]
 
 Inputs = Any  # Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
@@ -114,6 +116,7 @@ class NetworkFunction:
         self.shapes = [p.shape for n, p in named if p.requires_grad]
         self.numels = [p.numel() for n, p in named if p.requires_grad]
         self.n_params = sum(self.numels)
+        self._has_rnn = has_rnn(model)  # JVPs then need oneDNN/cuDNN off (forward_ad_kernels)
 
     # ------------------------------------------------------------------ parameters
     def params(self) -> dict[str, Tensor]:
@@ -149,14 +152,28 @@ class NetworkFunction:
 
         ``tangents`` maps each parameter name to ``(S, *shape)``. Returns the output ``f(x)``
         (``(B, C)``) and ``z[s] = J(x) v_s`` stacked as ``(S, B, C)``; ``vmap`` batches the ``S``
-        forward-mode passes into one.
+        forward-mode passes into one. Runs under :func:`fastlla.forward_ad.forward_ad_kernels`
+        (kernels with forward-mode AD; the global flags are restored after). Raises
+        ``NotImplementedError`` naming the operation and module when a layer has no
+        forward-mode derivative.
         """
         params = self.params()
 
         def one(t):
             return jvp(lambda p: self(p, x), (params,), (t,))
 
-        out, z = vmap(one, out_dims=(None, 0))(dict(tangents))
+        with forward_ad_kernels(rnn=self._has_rnn):
+            try:
+                out, z = vmap(one, out_dims=(None, 0))(dict(tangents))
+            except RuntimeError as err:
+                # Diagnose on one input and one tangent (hooks only now, never on the hot path).
+                x1 = slice_batch(x, 0, 1)
+                t1 = {n: t[0] for n, t in tangents.items()}
+                rerun = lambda: jvp(lambda p: self(p, x1), (params,), (t1,))  # noqa: E731
+                clear = explain_forward_ad_error(err, self.model, rerun)
+                if clear is None:
+                    raise
+                raise clear from err
         return out, z
 
     def jacobian(self, x: Inputs) -> Tensor:

@@ -13,7 +13,8 @@ Subclasses implement :meth:`_fit_posterior`, :meth:`_eigvals`, :meth:`_features`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -146,6 +147,51 @@ class LaplaceBase:
                 )
             if not torch.isfinite(y).all():
                 raise ValueError("fastlla: the regression targets contain NaN or Inf")
+
+    def _check_network(self, x: Any, f: Tensor) -> None:
+        """Checks of the network on the first training batch ``x`` (outputs ``f``) at fit.
+
+        Refuses a network that is random in eval mode (a second pass gives other outputs, e.g.
+        ``F.dropout(training=True)``); warns when classification outputs look like probabilities;
+        records the input ranks so that predicting for an input without batch dimension is
+        refused clearly.
+        """
+        with torch.no_grad():
+            again = self.network.output(x)
+        tol = math.sqrt(torch.finfo(f.dtype).eps)  # far above kernel non-determinism
+        atol = tol * max(float(f.abs().max()) if f.numel() else 0.0, 1e-30)
+        if again.shape != f.shape or not torch.allclose(again, f, rtol=tol, atol=atol):
+            raise ValueError(
+                "fastlla: the network is random in eval mode — two forward passes on the same "
+                "batch gave different outputs (e.g. F.dropout(..., training=True), MC dropout or "
+                "noise layers). The linearized Laplace approximation needs a deterministic "
+                "network: make its forward deterministic in eval mode"
+            )
+        classification = self.likelihood is Likelihood.CLASSIFICATION
+        if classification and f.shape[-1] > 1 and f.numel() and bool((f >= 0).all()):
+            if torch.allclose(f.double().sum(-1), torch.ones_like(f[:, 0], dtype=torch.float64),
+                              rtol=0.0, atol=tol * f.shape[-1]):  # fmt: skip
+                warnings.warn(
+                    "fastlla: the model's outputs are non-negative and sum to 1 over the classes: "
+                    "they look like probabilities, but classification expects logits (remove a "
+                    "final nn.Softmax, or use log-probabilities)",
+                    stacklevel=3,
+                )
+        self._input_dims = _tensor_dims(x)
+
+    def _check_batched(self, x: Any) -> None:
+        """Refuse inputs that lack the batch dimension the training inputs had."""
+        fitted = getattr(self, "_input_dims", None)
+        if fitted is None:
+            return
+        for key, dim in _tensor_dims(x).items():
+            if key in fitted and dim == fitted[key] - 1:
+                where = "" if key is None else f" {key!r}"
+                raise ValueError(
+                    f"fastlla: the inputs need a batch dimension: input{where} has {dim} "
+                    f"dimension(s), the training inputs had {fitted[key]} (batch first); for a "
+                    "single input pass x.unsqueeze(0)"
+                )
 
     def _accumulate_loglik(self, f: Tensor, y: Tensor) -> None:
         """Add the batch's log-likelihood statistic and count (``f`` the outputs at θ*)."""
@@ -296,6 +342,7 @@ class LaplaceBase:
         self._check_fitted()
         x = to_device(x, self.device, self.dtype)
         check_finite("the inputs", x)
+        self._check_batched(x)
         f, feats = self._outputs_and_features(x)
         self._check_outputs(f)
         cov = self._covariance_from_features(feats, self.prior_precision, self.data_scale)
@@ -367,6 +414,14 @@ class LaplaceBase:
         self.n_outputs = state["n_outputs"]
         self.n_data = state["n_data"]
         self._loglik_stat = state["loglik_stat"]
+
+
+def _tensor_dims(x: Any) -> dict[Any, int]:
+    """``key → ndim`` of every tensor of a batch (key ``None`` for a bare tensor)."""
+    if isinstance(x, Tensor):
+        return {None: x.dim()}
+    items = x.items() if isinstance(x, Mapping) else enumerate(x)
+    return {k: v.dim() for k, v in items if isinstance(v, Tensor)}
 
 
 def _maximise_1d(fn, lo: float, hi: float, n_grid: int = 49, n_golden: int = 40) -> float:

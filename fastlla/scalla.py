@@ -360,6 +360,7 @@ class ScaLLA(LaplaceBase):
             x0, _ = next(iter(self._batches(train_loader)))
             f0 = self.network.output(x0)
             self._check_outputs(f0)
+            self._check_network(x0, f0)
             self.n_outputs = f0.shape[-1]
             surrogate = self._ensure_surrogate(self.n_outputs, context_loader is not None, x0)
             surrogate.to(device=self.device)
