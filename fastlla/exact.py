@@ -339,10 +339,16 @@ class ExactLLA(LaplaceBase):
                 f"fastlla: state_dict is for subset_of_weights={subset!r}, this estimator is "
                 f"{self.subset_of_weights!r}"
             )
-        if self._pending_last_layer and state.get("last_layer_name") is not None:
-            self.network = _linear_network(self.model, state["last_layer_name"])
-            self.last_layer_name, self._pending_last_layer = state["last_layer_name"], False
-        self._load_base_state(state)
+        saved = (self.network, self.last_layer_name, self._pending_last_layer, self._param_norm2)
+        try:
+            if self._pending_last_layer and state.get("last_layer_name") is not None:
+                self.network = _linear_network(self.model, state["last_layer_name"])
+                self.last_layer_name, self._pending_last_layer = state["last_layer_name"], False
+                self._param_norm2 = float(self._theta().double().square().sum())
+            self._load_base_state(state)
+        except Exception:  # a refused state leaves the estimator as it was
+            self.network, self.last_layer_name, self._pending_last_layer, self._param_norm2 = saved
+            raise
         self.fitted_form = state["form"]
         self.chunk_size = state["chunk_size"]
         if self.fitted_form == "weight":

@@ -69,10 +69,10 @@ def Laplace(  # noqa: N802 - laplace-torch's name
         )
     if structure in _NOT_IMPLEMENTED:
         raise NotImplementedError(
-            f"fastlla: hessian_structure={structure!r} ({_NOT_IMPLEMENTED[structure]}) is not "
-            "implemented in fastlla; use hessian_structure='full' (exact, small models or "
-            "subset_of_weights='last_layer') or 'scalla' (a surrogate kernel, large models with "
-            "subset_of_weights='all')"
+            f"fastlla: hessian_structure={structure!r} is not implemented in fastlla; use "
+            "hessian_structure='full' (exact: small models, or subset_of_weights='last_layer') "
+            "or 'scalla' (a learned surrogate kernel: large models, subset_of_weights='all') "
+            f"in place of laplace-torch's {_NOT_IMPLEMENTED[structure]} approximation"
         )
     if structure not in HESSIAN_STRUCTURES:
         raise ValueError(
