@@ -224,7 +224,7 @@ class LaplaceBase:
                 f"{t.numel()} values"
             )
         t = t.reshape(()).to(self.device)
-        if self.likelihood is Likelihood.CLASSIFICATION and float(t) != 1.0:
+        if self.likelihood is Likelihood.CLASSIFICATION and float(t.detach()) != 1.0:
             raise ValueError("fastlla: sigma_noise applies to regression only (it must be 1)")
         return t
 
