@@ -2,6 +2,7 @@
 
 from . import _ops, augment
 from .exact import ExactLLA
+from .factory import Laplace
 from .scalla import ScaLLA
 
-__all__ = ["ExactLLA", "ScaLLA"]
+__all__ = ["ExactLLA", "Laplace", "ScaLLA"]

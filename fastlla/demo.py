@@ -296,12 +296,12 @@ def diabetes_quality(cfg: DemoConfig, log=print) -> list[Row]:
     def score(la) -> dict[str, float]:
         mean, cov = la.predictive_distribution(ds.x_test)
         var = torch.diagonal(cov, dim1=1, dim2=2)
-        return _regression_scores(mean, var, la.sigma_noise, ds.y_test)
+        return _regression_scores(mean, var, float(la.sigma_noise), ds.y_test)
 
     exact = ExactLLA(model, "regression")
     exact.fit(ds.loader("train", 64))
     exact_deltas = _own_deltas(exact, val, regression=True)
-    sigma = exact.sigma_noise
+    sigma = float(exact.sigma_noise)
     with torch.no_grad():
         mean = model(ds.x_test)
     rows = [Row("MAP", _regression_scores(mean, torch.zeros_like(mean), sigma, ds.y_test))]
@@ -342,7 +342,7 @@ def regression_demo(cfg: DemoConfig, log=print) -> tuple[list[Row], str]:
     with measure() as fit_exact:
         exact.fit(ds.loader("train", 64))
         exact.optimize_prior_precision("marglik", optimize_sigma_noise=True)
-    delta, sigma = exact.prior_precision, exact.sigma_noise
+    delta, sigma = float(exact.prior_precision), float(exact.sigma_noise)
     log(f"gap regression: marglik δ = {delta:.4g}, σ = {sigma:.4g}")
     scalla = ScaLLA(model, "regression", n_features=64, prior_precision=delta, sigma_noise=sigma, seed=cfg.seed)
     with measure() as fit_scalla:

@@ -388,6 +388,7 @@ def check_fit_start(
     settings = dict(settings)
     for name in ("seed", "likelihood", "n_features", "n_outputs", "prior_precision", "sigma_noise"):
         value = getattr(estimator, name, None)
+        value = value.tolist() if isinstance(value, torch.Tensor) else value  # plain, comparable
         settings[name] = getattr(value, "value", value)
     settings["n_params"] = estimator.network.n_params
     config = getattr(estimator, "_train_config", None) or {}

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import _ops
-from .functional import batch_size, slice_batch
+from .functional import NetworkFunction, batch_size, call_module, slice_batch
 from .laplace import LaplaceBase
 from .posterior import FeaturePosterior, psd_safe_cholesky
 from .predictive import Likelihood
@@ -41,40 +41,142 @@ def softmax_hessian_factor(logits: Tensor) -> Tensor:
     return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
 
 
+SUBSETS = ("all", "last_layer", "subnetwork")
+
+
 class ExactLLA(LaplaceBase):
     """Full-Jacobian linearized Laplace approximation (small models).
 
+    The leading parameters are laplace-torch's ``FullLaplace``'s, in its order (see
+    :class:`fastlla.laplace.LaplaceBase`); a per-layer or per-parameter ``prior_precision``
+    gives a diagonal prior in the posterior and the evidence. The rest are keyword-only.
+
     Parameters
     ----------
-    model, likelihood, prior_precision, sigma_noise : as in :class:`fastlla.ScaLLA`.
     form : ``"auto"`` (the smaller of ``P`` and ``N·C``), ``"weight"`` or ``"function"``.
     chunk_size : inputs per Jacobian computation.
+    subset_of_weights : the parameters the posterior is over: ``"all"`` (every parameter with
+        ``requires_grad``; default), ``"last_layer"`` (the weight and bias of the last
+        ``nn.Linear`` with parameters that the forward pass runs, found on the first training
+        batch, or named by ``last_layer_name``; laplace-torch's last-layer Laplace with a full
+        Hessian) or ``"subnetwork"`` (the entries ``subnetwork_indices`` of
+        ``parameters_to_vector(model.parameters())``, as laplace-torch's ``SubnetLaplace``).
+        The other parameters stay at their values; ``n_params`` counts the chosen ones.
+    subnetwork_indices : 1-D integer tensor of distinct indices (``"subnetwork"`` only); every
+        chosen entry must belong to a parameter with ``requires_grad``.
+    last_layer_name : the module name of the last layer (``"last_layer"`` only).
     """
+
+    _curvature_source = "ExactLLA computes the exact GGN from full Jacobians"
 
     def __init__(
         self,
         model: nn.Module,
         likelihood: str,
-        prior_precision: float = 1.0,
-        sigma_noise: float = 1.0,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: Any = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        *,
         form: str = "auto",
         chunk_size: int = 32,
+        subset_of_weights: str = "all",
+        subnetwork_indices: Tensor | None = None,
+        last_layer_name: str | None = None,
     ):
-        super().__init__(model, likelihood, prior_precision, sigma_noise)
         if form not in ("auto", "weight", "function"):
             raise ValueError(f"fastlla: form must be 'auto', 'weight' or 'function', got {form!r}")
         if chunk_size < 1:
             raise ValueError(f"fastlla: chunk_size must be at least 1, got {chunk_size}")
+        if subset_of_weights not in SUBSETS:
+            raise ValueError(
+                f"fastlla: subset_of_weights must be one of {SUBSETS}, got {subset_of_weights!r}"
+            )
+        if (subnetwork_indices is not None) != (subset_of_weights == "subnetwork"):
+            raise ValueError(
+                "fastlla: subnetwork_indices go with subset_of_weights='subnetwork' (and it "
+                "needs them)"
+            )
+        if last_layer_name is not None and subset_of_weights != "last_layer":
+            raise ValueError("fastlla: last_layer_name goes with subset_of_weights='last_layer'")
+        self.subset_of_weights = subset_of_weights
+        self.last_layer_name = last_layer_name
+        self._subnetwork_indices = subnetwork_indices
+        self._columns: Tensor | None = None  # "subnetwork": the chosen entries of the network's θ
+        self._pending_last_layer = False  # "last_layer" not yet located (the first fit does)
+        super().__init__(
+            model, likelihood, sigma_noise, prior_precision, prior_mean, temperature,
+            enable_backprop, dict_key_x, dict_key_y, backend, backend_kwargs, asdl_fisher_kwargs,
+        )  # fmt: skip
         self.form = form
         self.chunk_size = int(chunk_size)
         self.posterior: FeaturePosterior | None = None  # weight space
         self._jhat: Tensor | None = None  # function space: Ĵ (NC, P)
         self._kernel_eigvals: Tensor | None = None
         self._kernel_chol: tuple[tuple[float, float], Tensor] | None = None
+        self._diag_chol: tuple[Tensor, float, Tensor] | None = None  # diagonal prior's factor
+
+    # ------------------------------------------------------------------ parameters
+    def _make_network(self, model: nn.Module) -> NetworkFunction:
+        if self.subset_of_weights == "last_layer":
+            if self.last_layer_name is None:
+                self._pending_last_layer = True
+                return NetworkFunction(model)
+            return _linear_network(model, self.last_layer_name)
+        if self.subset_of_weights == "subnetwork":
+            network, self._columns = _subnetwork(model, self._subnetwork_indices)
+            return network
+        return NetworkFunction(model)
+
+    def _locate_last_layer(self, x: Any) -> None:
+        """Restrict the posterior to the last ``nn.Linear`` the forward pass of ``x`` runs."""
+        name = _last_linear_called(self.model, x)
+        network = _linear_network(self.model, name)
+        old = self.network
+        self.network = network
+        try:  # a per-layer / per-parameter δ given before the layer was known must fit it
+            if self._prior_precision.numel() != 1:
+                self._check_prior_structure(self._prior_precision)
+        except ValueError:
+            self.network = old
+            raise
+        self.last_layer_name = name
+        self._pending_last_layer = False
+
+    def _theta(self) -> Tensor:
+        theta = self.network.flat_params()
+        return theta if self._columns is None else theta[self._columns]
+
+    def _n_layers(self) -> int | None:
+        return None if self._columns is not None else len(self.network.names)
+
+    def _check_prior_structure(self, delta: Tensor) -> None:
+        if self._pending_last_layer:
+            return  # checked once the first fit has located the last layer
+        n, P, L = delta.numel(), self.n_params, self._n_layers()
+        if n != P and n != L:
+            layers = f"one per parameter tensor ({L}) or " if L is not None else ""
+            raise ValueError(
+                f"fastlla: prior_precision has {n} values; ExactLLA takes a scalar, "
+                f"{layers}one per parameter ({P})"
+            )
+
+    def _expand_prior(self, delta: Tensor) -> Tensor:
+        self._check_prior_structure(delta)
+        if delta.numel() == self.n_params:
+            return delta
+        sizes = torch.tensor(self.network.numels, device=delta.device)
+        return torch.repeat_interleave(delta, sizes)
 
     @property
     def n_params(self) -> int:
-        return self.network.n_params
+        return self.network.n_params if self._columns is None else int(self._columns.numel())
 
     # ------------------------------------------------------------------ Jacobians
     def _jacobians(self, x: Any) -> Tensor:
@@ -84,7 +186,8 @@ class ExactLLA(LaplaceBase):
             self.network.jacobian(slice_batch(x, a, min(a + self.chunk_size, n)))
             for a in range(0, n, self.chunk_size)
         ]
-        return torch.cat(chunks) if chunks else torch.empty(0)
+        J = torch.cat(chunks) if chunks else torch.empty(0)
+        return J if self._columns is None or not chunks else J[..., self._columns]
 
     def _resolve_form(self, loader: Iterable) -> str:
         if self.form != "auto":
@@ -104,6 +207,8 @@ class ExactLLA(LaplaceBase):
     # ------------------------------------------------------------------ fitting
     def fit(self, train_loader: Iterable, progress_bar: bool = False) -> ExactLLA:
         """Accumulate the exact GGN (or NTK Gram) over ``train_loader``."""
+        if self._pending_last_layer:
+            self._locate_last_layer(next(iter(self._batches(train_loader)))[0])
         self._reset()
         form = self._resolve_form(train_loader)
         P = self.n_params
@@ -131,6 +236,7 @@ class ExactLLA(LaplaceBase):
             self._kernel = 0.5 * (K + K.mT)
             self._kernel_eigvals = None
             self._kernel_chol = None
+        self._diag_chol = None
         self.fitted_form = form
         self._fitted = True
         return self
@@ -147,14 +253,20 @@ class ExactLLA(LaplaceBase):
         J = self._jacobians(x)
         if self.posterior is not None:
             return J.mT.contiguous()  # (B, P, C): the weight-space features Φ = Jᵀ
-        return J @ J.mT, J @ self._jhat.mT  # J*J*ᵀ (B, C, C) and J*Ĵᵀ (B, C, NC)
+        if self._prior_precision.numel() != 1:
+            return J, None, None  # a diagonal prior needs J itself
+        return None, J @ J.mT, J @ self._jhat.mT  # J*J*ᵀ (B, C, C) and J*Ĵᵀ (B, C, NC)
 
     def _covariance_from_features(
-        self, features: Any, prior_precision: float, data_scale: float
+        self, features: Any, prior_precision: float | Tensor, data_scale: float
     ) -> Tensor:
+        if isinstance(prior_precision, Tensor):  # a diagonal prior (per layer or per parameter)
+            return self._covariance_diagonal_prior(features, prior_precision, data_scale)
         if self.posterior is not None:
             return self.posterior.covariance(features, prior_precision, data_scale)
-        kxx, kxX = features
+        J, kxx, kxX = features
+        if kxx is None:
+            kxx, kxX = J @ J.mT, J @ self._jhat.mT
         key = (float(prior_precision), float(data_scale))
         if self._kernel_chol is None or self._kernel_chol[0] != key:
             eye = torch.eye(self._kernel.shape[0], dtype=self.dtype, device=self.device)
@@ -166,11 +278,56 @@ class ExactLLA(LaplaceBase):
         V = V.reshape(NC, B, C).permute(1, 0, 2)
         return (kxx - data_scale * (V.mT @ V)) / prior_precision
 
+    def _diagonal_factor(self, delta: Tensor, scale: float) -> Tensor:
+        """Cholesky factor of ``sG + D`` (weight space) or ``I + s ĴD⁻¹Ĵᵀ`` (function space)."""
+        cached = self._diag_chol
+        if cached is not None and cached[1] == scale and torch.equal(cached[0], delta):
+            return cached[2]
+        d = delta.to(self.dtype)
+        if self.posterior is not None:
+            A = scale * self.posterior.H + torch.diag(d)
+        else:
+            A = scale * ((self._jhat / d) @ self._jhat.mT)
+            A = 0.5 * (A + A.mT) + torch.eye(A.shape[0], dtype=self.dtype, device=self.device)
+        L = psd_safe_cholesky(A)
+        self._diag_chol = (delta.clone(), scale, L)
+        return L
+
+    def _covariance_diagonal_prior(self, features: Any, delta: Tensor, scale: float) -> Tensor:
+        L = self._diagonal_factor(delta, float(scale))
+        if self.posterior is not None:
+            return _ops.predictive_covariance(L, features)
+        J = features[0]
+        if J is None:
+            raise RuntimeError("fastlla: these features were computed for a scalar prior")
+        JD = J / delta.to(self.dtype)  # J D⁻¹ (B, C, P)
+        kxx, kxX = JD @ J.mT, JD @ self._jhat.mT
+        B, C, NC = kxX.shape
+        V = torch.linalg.solve_triangular(L, kxX.reshape(B * C, NC).mT, upper=False)
+        V = V.reshape(NC, B, C).permute(1, 0, 2)
+        return kxx - scale * (V.mT @ V)
+
+    def _log_det_ratio_diag(self, delta: Tensor, scale: Tensor) -> Tensor:
+        # float64 and differentiable in δ and s: 2 Σ log diag chol
+        if self.posterior is not None:
+            A = scale * self.posterior.H.to(torch.float64) + torch.diag(delta)
+            offset = delta.log().sum()
+        else:
+            jhat = self._jhat.to(torch.float64)
+            A = scale * ((jhat / delta) @ jhat.mT)
+            A = 0.5 * (A + A.mT) + torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+            offset = 0.0
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) != 0:
+            raise ValueError("fastlla: the posterior precision is not positive definite")
+        return 2.0 * torch.diagonal(L).log().sum() - offset
+
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict[str, Any]:
         self._check_fitted()
         state = self._base_state()
         state.update(form=self.fitted_form, chunk_size=self.chunk_size)
+        state.update(subset_of_weights=self.subset_of_weights, last_layer_name=self.last_layer_name)
         if self.posterior is not None:
             state["H"] = self.posterior.H
         else:
@@ -178,7 +335,22 @@ class ExactLLA(LaplaceBase):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._load_base_state(state)
+        subset = state.get("subset_of_weights", "all")
+        if subset != self.subset_of_weights:
+            raise ValueError(
+                f"fastlla: state_dict is for subset_of_weights={subset!r}, this estimator is "
+                f"{self.subset_of_weights!r}"
+            )
+        saved = (self.network, self.last_layer_name, self._pending_last_layer, self._param_norm2)
+        try:
+            if self._pending_last_layer and state.get("last_layer_name") is not None:
+                self.network = _linear_network(self.model, state["last_layer_name"])
+                self.last_layer_name, self._pending_last_layer = state["last_layer_name"], False
+                self._param_norm2 = float(self._theta().double().square().sum())
+            self._load_base_state(state)
+        except Exception:  # a refused state leaves the estimator as it was
+            self.network, self.last_layer_name, self._pending_last_layer, self._param_norm2 = saved
+            raise
         self.fitted_form = state["form"]
         self.chunk_size = state["chunk_size"]
         if self.fitted_form == "weight":
@@ -191,4 +363,77 @@ class ExactLLA(LaplaceBase):
             self._kernel = 0.5 * (K + K.mT)
             self._kernel_eigvals = None
             self._kernel_chol = None
+        self._diag_chol = None
         self._fitted = True
+
+
+# --------------------------------------------------------------------------- subsets of weights
+def _linear_network(model: nn.Module, name: str) -> NetworkFunction:
+    """The network as a function of the weight and bias of its ``nn.Linear`` ``name``."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"fastlla: the model has no module {name!r}") from None
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(
+            f"fastlla: the last layer {name!r} is a {type(layer).__name__}, not an nn.Linear; "
+            "last-layer Laplace needs a linear last layer (or use subset_of_weights='all')"
+        )
+    names = [f"{name}.{p}" for p, t in layer.named_parameters(recurse=False)]
+    if not all(t.requires_grad for t in layer.parameters(recurse=False)):
+        raise ValueError(f"fastlla: the last layer {name!r} has parameters without requires_grad")
+    return NetworkFunction(model, names)
+
+
+def _last_linear_called(model: nn.Module, x: Any) -> str:
+    """Name of the last module with parameters that the forward pass of ``x`` runs (found by
+    forward hooks, removed afterwards, as laplace-torch's ``FeatureExtractor`` does)."""
+    order: list[str] = []
+    handles = [
+        module.register_forward_hook(lambda *_, name=name: order.append(name))
+        for name, module in model.named_modules()
+        if next(module.parameters(recurse=False), None) is not None
+        and (name or next(module.children(), None) is None)  # a container's hook runs last
+    ]
+    try:
+        with torch.no_grad():
+            call_module(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        raise ValueError("fastlla: no module with parameters ran in the forward pass")
+    return order[-1]
+
+
+def _subnetwork(model: nn.Module, indices: Any) -> tuple[NetworkFunction, Tensor]:
+    """The network over the parameters that ``indices`` (into ``parameters_to_vector(
+    model.parameters())``) touch, and the positions of the indices in its flat vector."""
+    if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.numel() == 0 or (
+        indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool
+    ):
+        raise ValueError("fastlla: subnetwork_indices must be a non-empty 1-D integer tensor")
+    idx = indices.detach().cpu().long()
+    named = list(model.named_parameters())
+    total = sum(p.numel() for _, p in named)
+    if int(idx.min()) < 0 or int(idx.max()) >= total:
+        raise ValueError(f"fastlla: subnetwork_indices must lie in [0, {total - 1}]")
+    if idx.unique().numel() != idx.numel():
+        raise ValueError("fastlla: subnetwork_indices must not repeat an index")
+    starts = torch.tensor([0] + [p.numel() for _, p in named]).cumsum(0)
+    owner = torch.searchsorted(starts, idx, right=True) - 1  # parameter of each index
+    chosen = sorted(set(owner.tolist()))
+    frozen = [named[i][0] for i in chosen if not named[i][1].requires_grad]
+    if frozen:
+        raise ValueError(f"fastlla: subnetwork_indices select entries of frozen parameters {frozen}")
+    network = NetworkFunction(model, [named[i][0] for i in chosen])
+    # offset of each chosen parameter in the restricted flat vector
+    offset, local = {}, 0
+    for i in chosen:
+        offset[i] = local
+        local += named[i][1].numel()
+    columns = torch.tensor(
+        [offset[o] + int(j - starts[o]) for o, j in zip(owner.tolist(), idx.tolist())],
+        device=next(model.parameters()).device,
+    )
+    return network, columns

@@ -156,7 +156,7 @@ class Predictor(nn.Module):
                 else None
             ),
         )
-        delta, scale = estimator.prior_precision, estimator.data_scale
+        delta, scale = float(estimator.prior_precision), estimator.data_scale
         with torch.no_grad():
             if predictor.exact_rank:
                 m = predictor.scale_tril.shape[0]
@@ -166,8 +166,8 @@ class Predictor(nn.Module):
             else:
                 L = estimator.posterior.cholesky(delta, scale)
             predictor.scale_tril.copy_(L)
-            predictor.prior_precision.fill_(estimator.prior_precision)
-            predictor.sigma_noise.fill_(estimator.sigma_noise)
+            predictor.prior_precision.fill_(delta)
+            predictor.sigma_noise.fill_(float(estimator.sigma_noise))
         return predictor
 
     @classmethod

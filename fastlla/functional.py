@@ -101,20 +101,29 @@ class NetworkFunction:
     ----------
     model : the pre-trained network; its output must be ``(B, C)`` (or ``(B,)`` for one
         output, treated as ``C = 1``). It is put in eval mode by the estimators.
+    names : optional subset of the trainable parameters' names (the others are held fixed,
+        like frozen ones); default: every parameter with ``requires_grad=True``.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, names: list[str] | None = None):
         self.model = model
         named = list(model.named_parameters())
-        self.names = [n for n, p in named if p.requires_grad]
+        trainable = [n for n, p in named if p.requires_grad]
+        if names is not None:
+            unknown = [n for n in names if n not in trainable]
+            if unknown:
+                raise ValueError(f"fastlla: {unknown} are not trainable parameters of the model")
+            trainable = [n for n in trainable if n in set(names)]  # the model's own order
+        self.names = trainable
         if not self.names:
             raise ValueError(
                 "fastlla: the model has no trainable parameters (requires_grad=True); "
                 "the Laplace approximation needs at least one"
             )
-        self.frozen = {n: p.detach() for n, p in named if not p.requires_grad}
-        self.shapes = [p.shape for n, p in named if p.requires_grad]
-        self.numels = [p.numel() for n, p in named if p.requires_grad]
+        chosen = set(self.names)
+        self.frozen = {n: p.detach() for n, p in named if n not in chosen}
+        self.shapes = [p.shape for n, p in named if n in chosen]
+        self.numels = [p.numel() for n, p in named if n in chosen]
         self.n_params = sum(self.numels)
         self._has_rnn = has_rnn(model)  # JVPs then need oneDNN/cuDNN off (forward_ad_kernels)
 

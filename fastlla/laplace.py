@@ -19,11 +19,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .functional import NetworkFunction, batch_size, check_finite, to_device
 from .predictive import Likelihood, class_probabilities
 
 __all__ = ["LaplaceBase", "NotFittedError"]
+
+#: ``optimize_prior_precision(prior_structure=...)`` values (laplace-torch's ``PriorStructure``).
+PRIOR_STRUCTURES = ("scalar", "layerwise", "diag")
 
 
 class NotFittedError(RuntimeError):
@@ -31,6 +35,8 @@ class NotFittedError(RuntimeError):
 
 
 def _positive_float(name: str, value: Any) -> float:
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(f"fastlla: {name} must be a single number, got shape {tuple(value.shape)}")
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -40,43 +46,211 @@ def _positive_float(name: str, value: Any) -> float:
     return value
 
 
+def _positive_tensor(name: str, value: Any) -> Tensor:
+    """``value`` (a number, or a tensor of at most one dimension) as a float64 tensor, checked
+    positive and finite. An autograd graph through ``value`` is kept."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        raise TypeError(f"fastlla: {name} must be a positive number or a tensor, got {value!r}")
+    if isinstance(value, Tensor):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"fastlla: {name} must be real, got a {value.dtype} tensor")
+        t = value.to(torch.float64)
+    else:
+        try:
+            t = torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"fastlla: {name} must be a positive number or a tensor, got {value!r}"
+            ) from None
+    if t.dim() > 1 or t.numel() == 0:
+        raise ValueError(
+            f"fastlla: {name} must be a number or a non-empty 1-D tensor, got shape "
+            f"{tuple(t.shape)}"
+        )
+    with torch.no_grad():
+        ok = bool(torch.isfinite(t).all()) and bool((t > 0).all())
+    if not ok:
+        shown = float(t.detach().reshape(-1)[0]) if t.numel() == 1 else t.detach().tolist()
+        raise ValueError(f"fastlla: {name} must be positive and finite, got {shown}")
+    return t
+
+
 class LaplaceBase:
     """Shared API of the linearized Laplace estimators.
+
+    The leading parameters follow laplace-torch's ``BaseLaplace`` in name, order and default,
+    so ``FullLaplace(model, lik, sigma, delta)`` reads the same with fastlla.
 
     Parameters
     ----------
     model : pre-trained network returning ``(B, C)`` outputs (logits for classification).
         Only parameters with ``requires_grad=True`` enter the posterior. It is put in eval mode.
     likelihood : ``"classification"`` or ``"regression"``.
-    prior_precision : ``δ`` of the prior ``θ ~ N(0, δ⁻¹ I)``.
-    sigma_noise : observation noise ``σ`` (regression only).
+    sigma_noise : observation noise ``σ > 0`` (regression; must be 1 for classification).
+    prior_precision : ``δ > 0`` of the prior ``θ ~ N(0, diag(δ)⁻¹)``: a number, or (ExactLLA
+        only) a tensor with one value per parameter tensor (``model.parameters()`` order, those
+        with ``requires_grad``) or one per parameter (length ``P``).
+    prior_mean : only 0 is implemented (another value raises ``NotImplementedError``).
+    temperature : ``T > 0``; the GGN and the log-likelihood are scaled by ``1/T`` (as in
+        laplace-torch: a lower temperature concentrates the posterior).
+    enable_backprop : only ``False``: fastlla's predictive is not differentiable in the inputs.
+    dict_key_x, dict_key_y : for loaders yielding dict batches: ``batch[dict_key_y]`` is the
+        target and the other entries are passed to the model as keyword arguments
+        (``dict_key_x`` names the input entry, as in laplace-torch).
+    backend, backend_kwargs, asdl_fisher_kwargs : accepted for laplace-torch compatibility and
+        ignored with a warning (fastlla computes its GGN itself; see the estimator).
+
+    ``prior_precision`` and ``sigma_noise`` read back as float64 tensors (shape ``(1,)`` or
+    ``(n,)``, and ``()``), as laplace-torch returns tensors; assigning them checks the value.
     """
+
+    #: why laplace-torch's curvature ``backend`` does not apply (the warning names it)
+    _curvature_source = "fastlla computes its own GGN"
 
     def __init__(
         self,
         model: nn.Module,
         likelihood: str | Likelihood,
-        prior_precision: float = 1.0,
-        sigma_noise: float = 1.0,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: Any = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"fastlla: model must be an nn.Module, got {type(model).__name__}")
         self.likelihood = Likelihood.parse(likelihood)
+        if enable_backprop:
+            raise NotImplementedError(
+                "fastlla: enable_backprop=True is not implemented (the predictive is not "
+                "differentiable in the inputs)"
+            )
+        self.enable_backprop = False
+        for key, name in ((dict_key_x, "dict_key_x"), (dict_key_y, "dict_key_y")):
+            if not isinstance(key, str):
+                raise TypeError(f"fastlla: {name} must be a str, got {key!r}")
+        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
+        for value, name in (
+            (backend, "backend"),
+            (backend_kwargs, "backend_kwargs"),
+            (asdl_fisher_kwargs, "asdl_fisher_kwargs"),
+        ):
+            if value is not None:
+                warnings.warn(
+                    f"fastlla: {name} is ignored ({self._curvature_source})",
+                    UserWarning,
+                    stacklevel=3,
+                )
         self.model = model.eval()
-        self.network = NetworkFunction(model)
-        self.prior_precision = _positive_float("prior_precision", prior_precision)
-        self.sigma_noise = _positive_float("sigma_noise", sigma_noise)
-        if self.likelihood is Likelihood.CLASSIFICATION and self.sigma_noise != 1.0:
-            raise ValueError("fastlla: sigma_noise applies to regression only")
+        self.network = self._make_network(model)
         first = next(p for p in model.parameters() if p.requires_grad)
         self.device, self.dtype = first.device, first.dtype
+        self.prior_mean = prior_mean
+        self.temperature = temperature
+        self.sigma_noise = sigma_noise
+        self.prior_precision = prior_precision
         self.n_outputs: int | None = None
         self.n_data = 0
         # Sufficient statistics of the log-likelihood at θ*: Σ log p(y|f) for classification,
-        # the sum of squared residuals for regression (σ enters only at evaluation).
+        # the sum of squared residuals for regression (σ and T enter only at evaluation).
         self._loglik_stat = 0.0
-        self._param_norm2 = float(self.network.flat_params().double().square().sum())
+        self._param_norm2 = float(self._theta().double().square().sum())
         self._fitted = False
+
+    def _make_network(self, model: nn.Module) -> NetworkFunction:
+        """The network as a function of the parameters the posterior is over."""
+        return NetworkFunction(model)
+
+    def _theta(self) -> Tensor:
+        """``θ*``, the flat vector of the parameters the posterior is over."""
+        return self.network.flat_params()
+
+    # ------------------------------------------------------------------ hyper-parameters
+    @property
+    def prior_precision(self) -> Tensor:
+        """``δ`` as a float64 tensor: shape ``(1,)`` for a scalar prior, else one value per
+        parameter tensor or per parameter (ExactLLA). Assigning checks the value."""
+        return self._prior_precision.clone()
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | Tensor) -> None:
+        self._prior_precision = self._parse_prior(value).detach().clone()
+
+    @property
+    def sigma_noise(self) -> Tensor:
+        """``σ`` as a 0-dim float64 tensor. Assigning checks the value."""
+        return self._sigma_noise.clone()
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | Tensor) -> None:
+        self._sigma_noise = self._parse_sigma(value).detach().clone()
+
+    @property
+    def temperature(self) -> float:
+        """``T``: the GGN and the log-likelihood are scaled by ``1/T``."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = _positive_float("temperature", value)
+
+    @property
+    def prior_mean(self) -> Tensor:
+        """The prior mean: always 0 in fastlla."""
+        return torch.zeros((), dtype=torch.float64, device=self.device)
+
+    @prior_mean.setter
+    def prior_mean(self, value: float | Tensor) -> None:
+        try:
+            zero = bool((torch.as_tensor(value) == 0).all())
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"fastlla: prior_mean must be a number or tensor, got {value!r}") from None
+        if not zero:
+            raise NotImplementedError(
+                "fastlla: only prior_mean=0 is implemented (the prior is N(0, diag(δ)⁻¹))"
+            )
+
+    def _parse_sigma(self, value: Any) -> Tensor:
+        """``σ`` checked (positive, finite, a single value; 1 for classification), 0-dim."""
+        t = _positive_tensor("sigma_noise", value)
+        if t.numel() != 1:
+            raise ValueError(
+                f"fastlla: sigma_noise must be a single value (homoscedastic noise), got "
+                f"{t.numel()} values"
+            )
+        t = t.reshape(()).to(self.device)
+        if self.likelihood is Likelihood.CLASSIFICATION and float(t.detach()) != 1.0:
+            raise ValueError("fastlla: sigma_noise applies to regression only (it must be 1)")
+        return t
+
+    def _parse_prior(self, value: Any) -> Tensor:
+        """``δ`` checked (positive, finite, a structure this estimator supports), 1-D."""
+        t = _positive_tensor("prior_precision", value).reshape(-1).to(self.device)
+        if t.numel() != 1:
+            self._check_prior_structure(t)
+        return t
+
+    def _check_prior_structure(self, delta: Tensor) -> None:
+        raise ValueError(
+            f"fastlla: {type(self).__name__} takes a scalar prior_precision (its posterior is "
+            f"over features, not parameters), got {delta.numel()} values; per-layer or "
+            "per-parameter prior precisions need ExactLLA"
+        )
+
+    def _expand_prior(self, delta: Tensor) -> Tensor:
+        """A non-scalar ``δ`` as its diagonal (one value per parameter)."""
+        self._check_prior_structure(delta)
+        return delta
+
+    def _delta(self) -> float | Tensor:
+        """The current ``δ`` for the covariance hooks: a float, or the (P,) diagonal."""
+        d = self._prior_precision
+        return float(d) if d.numel() == 1 else self._expand_prior(d)
 
     # ------------------------------------------------------------------ subclass hooks
     def _fit_posterior(self, loader: Iterable) -> None:  # pragma: no cover - abstract
@@ -106,6 +280,14 @@ class LaplaceBase:
         """Yield ``(x, y)`` batches on the model's device, checked; errors on an empty loader."""
         n = 0
         for batch in loader:
+            if isinstance(batch, Mapping):  # laplace-torch's dict batches (HuggingFace style)
+                if self.dict_key_y not in batch:
+                    raise ValueError(
+                        f"fastlla: {name} yields dict batches without the target key "
+                        f"dict_key_y={self.dict_key_y!r} (keys: {list(batch)})"
+                    )
+                batch = ({k: v for k, v in batch.items() if k != self.dict_key_y},
+                         batch[self.dict_key_y])  # fmt: skip
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(f"fastlla: {name} must yield (inputs, targets) pairs")
             x, y = batch
@@ -212,7 +394,7 @@ class LaplaceBase:
         self.n_outputs = None
         self.n_data = 0
         self._loglik_stat = 0.0
-        self._param_norm2 = float(self.network.flat_params().double().square().sum())
+        self._param_norm2 = float(self._theta().double().square().sum())
         self._fitted = False
 
     def _check_fitted(self) -> None:
@@ -221,43 +403,105 @@ class LaplaceBase:
 
     @property
     def data_scale(self) -> float:
-        """``1/σ²`` for regression, 1 for classification."""
-        return 1.0 / self.sigma_noise**2 if self.likelihood is Likelihood.REGRESSION else 1.0
+        """``1/(σ²T)`` for regression, ``1/T`` for classification: the GGN's factor."""
+        return float(self._scale(self._sigma_noise))
+
+    def _scale(self, sigma: Tensor) -> Tensor:
+        if self.likelihood is Likelihood.REGRESSION:
+            return 1.0 / (sigma.square() * self.temperature)
+        return torch.ones_like(sigma) / self.temperature
 
     # ------------------------------------------------------------------ marginal likelihood
-    def log_likelihood(self, sigma_noise: float | None = None) -> Tensor:
-        """``log p(D | θ*)`` (Gaussian with noise ``σ`` for regression)."""
-        self._check_fitted()
+    def _log_likelihood(self, sigma: Tensor) -> Tensor:
         if self.likelihood is Likelihood.CLASSIFICATION:
-            return torch.tensor(self._loglik_stat, dtype=torch.float64)
-        sigma = self.sigma_noise if sigma_noise is None else sigma_noise
+            stat = torch.tensor(self._loglik_stat, dtype=torch.float64, device=sigma.device)
+            return stat / self.temperature
         n_obs = self.n_data * self.n_outputs
-        value = -0.5 * self._loglik_stat / sigma**2 - n_obs * math.log(sigma * math.sqrt(2 * math.pi))
-        return torch.tensor(value, dtype=torch.float64)
+        return -0.5 * self._loglik_stat * self._scale(sigma) - n_obs * torch.log(
+            sigma * math.sqrt(2 * math.pi)
+        )
+
+    def _log_det_ratio(self, delta: Tensor, scale: Tensor) -> Tensor:
+        if delta.numel() == 1:
+            eig = self._eigvals().to(torch.float64)
+            return torch.log1p(eig * (scale / delta.reshape(()))).sum()
+        return self._log_det_ratio_diag(self._expand_prior(delta), scale)
+
+    def _log_det_ratio_diag(self, delta: Tensor, scale: Tensor) -> Tensor:
+        """``log det(sG + D) − log det D`` for a diagonal prior ``D`` (ExactLLA)."""
+        raise NotImplementedError
+
+    def _scatter(self, delta: Tensor) -> Tensor:
+        """``θ*ᵀ D θ*``."""
+        if delta.numel() == 1:
+            return delta.reshape(()) * self._param_norm2
+        theta2 = self._theta().to(torch.float64).square()
+        return (self._expand_prior(delta) * theta2).sum()
+
+    def _evidence(self, delta: Tensor, sigma: Tensor) -> Tensor:
+        """``log p(D|θ*) − ½ θ*ᵀDθ* − ½ log det(I + D⁻¹ sG)`` for checked ``δ``, ``σ``."""
+        return (
+            self._log_likelihood(sigma)
+            - 0.5 * self._scatter(delta)
+            - 0.5 * self._log_det_ratio(delta, self._scale(sigma))
+        )
+
+    def _hyper(self, prior_precision: Any, sigma_noise: Any) -> tuple[Tensor, Tensor]:
+        """The given ``(δ, σ)`` checked, or the current ones where ``None``."""
+        delta = self._prior_precision if prior_precision is None else self._parse_prior(
+            prior_precision
+        )
+        sigma = self._sigma_noise if sigma_noise is None else self._parse_sigma(sigma_noise)
+        return delta, sigma
+
+    def log_likelihood(self, sigma_noise: float | Tensor | None = None) -> Tensor:
+        """``log p(D | θ*)`` (Gaussian with noise ``σ`` for regression), scaled by ``1/T``.
+
+        Differentiable in a ``sigma_noise`` tensor that requires grad. 0-dim float64 tensor.
+        """
+        self._check_fitted()
+        return self._log_likelihood(self._hyper(None, sigma_noise)[1])
 
     def log_det_ratio(
-        self, prior_precision: float | None = None, sigma_noise: float | None = None
+        self, prior_precision: float | Tensor | None = None, sigma_noise: float | Tensor | None = None
     ) -> Tensor:
-        """``log det(I + G/δ)``, ``G`` the GGN (``G₁/σ²`` for regression)."""
+        """``log det(sG + D) − log det D``: ``log det(I + sG/δ)`` for a scalar ``δ``; ``G`` the
+        GGN, ``s = 1/(σ²T)`` (``1/T`` for classification). Differentiable in both arguments."""
         self._check_fitted()
-        delta = self.prior_precision if prior_precision is None else prior_precision
-        sigma = self.sigma_noise if sigma_noise is None else sigma_noise
-        scale = 1.0 / sigma**2 if self.likelihood is Likelihood.REGRESSION else 1.0
-        return torch.log1p(self._eigvals().double() * (scale / delta)).sum()
+        delta, sigma = self._hyper(prior_precision, sigma_noise)
+        return self._log_det_ratio(delta, self._scale(sigma))
 
     def log_marginal_likelihood(
-        self, prior_precision: float | None = None, sigma_noise: float | None = None
+        self, prior_precision: float | Tensor | None = None, sigma_noise: float | Tensor | None = None
     ) -> Tensor:
-        """Laplace evidence ``log p(D|θ*) − ½ δ‖θ*‖² − ½ log det(I + G/δ)``.
+        """Laplace evidence ``log p(D|θ*) − ½ θ*ᵀDθ* − ½ log det(I + D⁻¹ sG)``.
 
-        Defaults to the current hyper-parameters; costs ``O(M)`` per evaluation once fitted.
+        Parameters
+        ----------
+        prior_precision, sigma_noise : optional new ``δ`` and ``σ`` (numbers or tensors, checked
+            as in the constructor); ``None`` uses the current ones. As in laplace-torch, values
+            given are stored (detached) as the estimator's hyper-parameters, so tuning them with
+            a gradient loop leaves the tuned values in place; a refused value changes nothing.
+
+        Returns
+        -------
+        A 0-dim float64 tensor, differentiable in ``prior_precision`` and ``sigma_noise``
+        tensors that require grad. With a scalar ``δ`` each evaluation costs ``O(M)`` once fitted
+        (one eigendecomposition serves every ``(δ, σ)``); a per-layer or per-parameter ``δ``
+        (ExactLLA) costs one Cholesky factorisation.
         """
-        delta = self.prior_precision if prior_precision is None else prior_precision
-        return (
-            self.log_likelihood(sigma_noise)
-            - 0.5 * delta * self._param_norm2
-            - 0.5 * self.log_det_ratio(delta, sigma_noise)
-        )
+        self._check_fitted()
+        delta, sigma = self._hyper(prior_precision, sigma_noise)
+        value = self._evidence(delta, sigma)
+        if prior_precision is not None:
+            self._prior_precision = delta.detach().clone()
+        if sigma_noise is not None:
+            self._sigma_noise = sigma.detach().clone()
+        return value
+
+    def _n_layers(self) -> int | None:
+        """Parameter tensors the posterior is over (``None``: no per-layer prior)."""
+        return None
 
     def optimize_prior_precision(
         self,
@@ -266,43 +510,194 @@ class LaplaceBase:
         grid: Iterable[float] | None = None,
         optimize_sigma_noise: bool = False,
         link_approx: str = "probit",
-    ) -> float:
+        *,
+        pred_type: str = "glm",
+        n_samples: int = 100,
+        loss: Any = None,
+        grid_size: int | None = None,
+        log_prior_prec_min: float = -4.0,
+        log_prior_prec_max: float = 4.0,
+        log_prior_prec_base: float = 10.0,
+        n_steps: int = 100,
+        lr: float = 1e-1,
+        init_prior_prec: float | Tensor = 1.0,
+        prior_structure: str = "scalar",
+        progress_bar: bool = False,
+        verbose: bool = False,
+    ) -> float | Tensor:
         """Choose ``δ`` (and, for regression with ``optimize_sigma_noise``, ``σ``).
 
-        ``"marglik"`` maximises :meth:`log_marginal_likelihood` — exact and cheap, since one
-        eigendecomposition serves every ``(δ, σ)``: a log-spaced grid, then golden-section
-        refinement in ``log δ`` (coordinate-wise with ``log σ``). ``"gridsearch"`` minimises the
-        predictive NLL on ``val_loader`` over ``grid`` (default 21 values in ``[1e-4, 1e4]``).
-        Returns the chosen ``δ``, also stored in ``prior_precision``.
+        Takes laplace-torch's keywords; the defaults are fastlla's where they differ.
+
+        Parameters
+        ----------
+        method : ``"marglik"`` maximises :meth:`log_marginal_likelihood`. With
+            ``prior_structure="scalar"`` (default; laplace-torch's default is ``"diag"``) it is
+            exact and cheap, since one eigendecomposition serves every ``(δ, σ)``: a log-spaced
+            grid over ``δ ∈ [e⁻¹², e¹²]``, then golden-section refinement in ``log δ``
+            (coordinate-wise with ``log σ``); ``init_prior_prec``, ``n_steps`` and ``lr`` do not
+            apply. ``"layerwise"`` (one ``δ`` per parameter tensor) or ``"diag"`` (one per
+            parameter), or an ``init_prior_prec`` tensor of such a length, run laplace-torch's
+            Adam on ``log δ`` (``n_steps`` steps of rate ``lr`` from ``init_prior_prec``; with
+            ``optimize_sigma_noise`` also on ``log σ``); ExactLLA only.
+            ``"gridsearch"`` minimises the predictive NLL on ``val_loader`` (or ``loss``) over
+            ``grid``, default ``grid_size`` (21) values log-spaced between
+            ``log_prior_prec_base**log_prior_prec_min`` and ``**log_prior_prec_max``
+            (``1e-4`` to ``1e4``).
+        val_loader : ``(x, y)`` or dict batches for ``"gridsearch"``.
+        grid : explicit prior precisions for ``"gridsearch"`` (not with ``grid_size``).
+        optimize_sigma_noise : also tune ``σ`` by the evidence (regression, ``"marglik"``).
+        link_approx, n_samples, pred_type : the predictive scored by ``"gridsearch"``
+            (``pred_type`` must be ``"glm"``).
+        loss : ``"gridsearch"`` score instead of the NLL: a torchmetrics-style metric (with
+            ``update``/``compute``) or a callable ``loss(probs, y)`` (classification) or
+            ``loss(f_mean, f_var, y)`` (regression) on the whole validation set, lower better.
+        progress_bar, verbose : a tqdm bar over the grid or the Adam steps; print the result.
+
+        Returns
+        -------
+        The chosen ``δ``, also stored in ``prior_precision``: a float for a scalar prior, else a
+        tensor. Errors leave the hyper-parameters unchanged.
         """
         self._check_fitted()
+        if prior_structure not in PRIOR_STRUCTURES:
+            raise ValueError(
+                f"fastlla: prior_structure must be one of {PRIOR_STRUCTURES}, got "
+                f"{prior_structure!r}"
+            )
+        if pred_type != "glm":
+            raise ValueError(f"fastlla: only pred_type='glm' is supported, got {pred_type!r}")
         if method == "marglik":
-            self._optimize_marglik(optimize_sigma_noise)
+            if val_loader is not None:
+                warnings.warn(
+                    "fastlla: val_loader is ignored by method='marglik' (did you mean "
+                    "method='gridsearch'?)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            init = self._parse_prior(init_prior_prec)
+            if init.numel() == 1 and prior_structure == "scalar":
+                self._optimize_marglik(optimize_sigma_noise)
+            else:
+                self._optimize_marglik_adam(
+                    init, prior_structure, optimize_sigma_noise, n_steps, lr, progress_bar
+                )
         elif method == "gridsearch":
             if val_loader is None:
                 raise ValueError("fastlla: method='gridsearch' needs a val_loader")
-            self._gridsearch(val_loader, grid, link_approx)
+            if grid is not None and grid_size is not None:
+                raise ValueError("fastlla: give either grid or grid_size, not both")
+            if grid is None:
+                n = 21 if grid_size is None else int(grid_size)
+                if n < 1:
+                    raise ValueError(f"fastlla: grid_size must be at least 1, got {grid_size}")
+                grid = torch.logspace(
+                    log_prior_prec_min, log_prior_prec_max, n, base=log_prior_prec_base,
+                    dtype=torch.float64,
+                ).tolist()  # fmt: skip
+            grid = [_positive_float("grid value", d) for d in grid]
+            if not grid:
+                raise ValueError("fastlla: the prior-precision grid is empty")
+            if loss is None:
+                self._gridsearch(val_loader, grid, link_approx)
+            else:
+                self._gridsearch_loss(val_loader, grid, loss, link_approx, n_samples, progress_bar)
         else:
             raise ValueError(f"fastlla: unknown method {method!r}; use 'marglik' or 'gridsearch'")
-        return self.prior_precision
+        if verbose:
+            print(f"fastlla: optimized prior precision is {self.prior_precision.tolist()}")
+        d = self._prior_precision
+        return float(d) if d.numel() == 1 else d.clone()
 
     def _optimize_marglik(self, optimize_sigma: bool) -> None:
         fit_sigma = optimize_sigma and self.likelihood is Likelihood.REGRESSION
-        log_delta, log_sigma = math.log(self.prior_precision), math.log(self.sigma_noise)
+        log_delta, log_sigma = math.log(float(self._prior_precision[0])), math.log(
+            float(self._sigma_noise)
+        )
+        kw = dict(dtype=torch.float64, device=self.device)
+
+        def evidence(log_d: float, log_s: float) -> float:
+            delta = torch.tensor([math.exp(log_d)], **kw)
+            return float(self._evidence(delta, torch.tensor(math.exp(log_s), **kw)))
+
         for _ in range(4 if fit_sigma else 1):
-            log_delta = _maximise_1d(
-                lambda t: float(self.log_marginal_likelihood(math.exp(t), math.exp(log_sigma))),
-                -12.0,
-                12.0,
-            )
+            log_delta = _maximise_1d(lambda t: evidence(t, log_sigma), -12.0, 12.0)
             if fit_sigma:
-                log_sigma = _maximise_1d(
-                    lambda t: float(self.log_marginal_likelihood(math.exp(log_delta), math.exp(t))),
-                    -8.0,
-                    6.0,
+                log_sigma = _maximise_1d(lambda t: evidence(log_delta, t), -8.0, 6.0)
+        delta, sigma = math.exp(log_delta), math.exp(log_sigma)
+        self.prior_precision = delta
+        self.sigma_noise = sigma
+
+    def _optimize_marglik_adam(
+        self, init: Tensor, structure: str, optimize_sigma: bool, n_steps: int, lr: float,
+        progress_bar: bool,
+    ) -> None:
+        """laplace-torch's marglik tuning: Adam on ``log δ`` (and ``log σ``)."""
+        if init.numel() == 1 and structure != "scalar":
+            n_layers = self._n_layers()
+            if structure == "layerwise" and n_layers is None:
+                raise ValueError(
+                    f"fastlla: prior_structure='layerwise' does not apply to {type(self).__name__}"
+                    " here; use 'scalar' or 'diag'"
                 )
-        self.prior_precision = math.exp(log_delta)
-        self.sigma_noise = math.exp(log_sigma)
+            n = n_layers if structure == "layerwise" else int(self._theta().numel())
+            init = self._parse_prior(init.expand(n).clone())
+        fit_sigma = optimize_sigma and self.likelihood is Likelihood.REGRESSION
+        log_delta = init.detach().log().clone().requires_grad_(True)
+        log_sigma = self._sigma_noise.detach().log().clone().requires_grad_(fit_sigma)
+        optimizer = torch.optim.Adam([log_delta, log_sigma] if fit_sigma else [log_delta], lr=lr)
+        for _ in tqdm(range(int(n_steps)), disable=not progress_bar, desc="marglik"):
+            optimizer.zero_grad()
+            loss = -self._evidence(log_delta.exp(), log_sigma.exp())
+            loss.backward()
+            optimizer.step()
+        delta, sigma = log_delta.detach().exp(), log_sigma.detach().exp()
+        self._parse_prior(delta), self._parse_sigma(sigma)  # both checked before either is set
+        self.prior_precision = delta
+        self.sigma_noise = sigma
+
+    def _gridsearch_loss(
+        self, val_loader: Iterable, grid: list[float], loss: Any, link: str, n_samples: int,
+        progress_bar: bool,
+    ) -> None:
+        """Grid search scored by a user ``loss`` (laplace-torch's ``validate``)."""
+        online = all(hasattr(loss, a) for a in ("update", "compute"))
+        if not online and not callable(loss):
+            raise TypeError("fastlla: loss must be a metric (update/compute) or a callable")
+        cached = []
+        for x, y in self._batches(val_loader, "val_loader"):
+            f, feats = self._outputs_and_features(x)
+            self._check_outputs(f, y)
+            cached.append((f, feats, y))
+        best, best_value = None, math.inf
+        for delta in tqdm(grid, disable=not progress_bar, desc="gridsearch"):
+            if online and hasattr(loss, "reset"):
+                loss.reset()
+            outputs, targets = [], []
+            for f, feats, y in cached:
+                cov = self._covariance_from_features(feats, delta, self.data_scale)
+                if self.likelihood is Likelihood.CLASSIFICATION:
+                    out = (class_probabilities(f, cov, link, n_samples=n_samples),)
+                else:
+                    out = (f, cov)
+                if online:
+                    try:
+                        loss.update(*out, y)
+                    except TypeError:  # a metric of (prediction, target) only
+                        loss.update(out[0], y)
+                else:
+                    outputs.append(out)
+                    targets.append(y)
+            if online:
+                value = float(torch.as_tensor(loss.compute()).sum())
+            else:
+                columns = [torch.cat(c) for c in zip(*outputs)]
+                value = float(torch.as_tensor(loss(*columns, torch.cat(targets))).sum())
+            if value < best_value:
+                best, best_value = delta, value
+        if best is None:
+            raise ValueError("fastlla: every prior precision of the grid gave a non-finite loss")
+        self.prior_precision = best
 
     def _gridsearch(self, val_loader: Iterable, grid: Iterable[float] | None, link: str) -> None:
         grid = [float(d) for d in (grid if grid is not None else torch.logspace(-4, 4, 21))]
@@ -345,7 +740,7 @@ class LaplaceBase:
         self._check_batched(x)
         f, feats = self._outputs_and_features(x)
         self._check_outputs(f)
-        cov = self._covariance_from_features(feats, self.prior_precision, self.data_scale)
+        cov = self._covariance_from_features(feats, self._delta(), self.data_scale)
         return f, cov
 
     def __call__(
@@ -388,6 +783,7 @@ class LaplaceBase:
             "likelihood": self.likelihood.value,
             "prior_precision": self.prior_precision,
             "sigma_noise": self.sigma_noise,
+            "temperature": self.temperature,
             "n_outputs": self.n_outputs,
             "n_data": self.n_data,
             "loglik_stat": self._loglik_stat,
@@ -411,6 +807,7 @@ class LaplaceBase:
             raise ValueError("fastlla: state_dict was fitted on a model with other weights")
         self.prior_precision = state["prior_precision"]
         self.sigma_noise = state["sigma_noise"]
+        self.temperature = state.get("temperature", 1.0)
         self.n_outputs = state["n_outputs"]
         self.n_data = state["n_data"]
         self._loglik_stat = state["loglik_stat"]

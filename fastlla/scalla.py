@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,15 +90,22 @@ AUTO_CHECKPOINTS = (AUTO_PROBE_STEPS, 5 * AUTO_PROBE_STEPS)
 class ScaLLA(LaplaceBase):
     """Scalable linearized Laplace approximation via a surrogate neural kernel.
 
+    The leading parameters are laplace-torch's ``BaseLaplace``'s, in its order (see
+    :class:`fastlla.laplace.LaplaceBase`); ``prior_precision`` must be a scalar (the posterior
+    is over the surrogate's features, not the parameters). ScaLLA's own options are
+    keyword-only.
+
     Parameters
     ----------
     model : pre-trained network returning ``(B, C)``; only ``requires_grad`` parameters count.
     likelihood : ``"classification"`` or ``"regression"``.
+    sigma_noise, prior_precision, prior_mean, temperature, enable_backprop, dict_key_x,
+        dict_key_y, backend, backend_kwargs, asdl_fisher_kwargs : as in
+        :class:`fastlla.laplace.LaplaceBase`.
     n_features : ``M``, the surrogate's feature dimension (see :mod:`fastlla.surrogate` on
         choosing it). Ignored when ``surrogate`` is given (its output fixes ``M``).
     surrogate : any ``nn.Module`` returning ``(B, M, C)``; default: the model's trunk plus a new
         head (:func:`fastlla.surrogate.default_surrogate`).
-    prior_precision, sigma_noise : ``δ`` and the regression noise ``σ``.
     seed : seeds the surrogate's head, the tangents and the context batches.
     last_layer : the network's last ``nn.Linear`` contributes ``(ψ(x)ᵀψ(x'))·I_C`` to the NTK
         exactly (``ψ = [φ; 1]``, its input and a one): ``True`` puts those ``(h+1)·C`` features
@@ -145,21 +152,35 @@ class ScaLLA(LaplaceBase):
         MLP that computes ``H``.
     """
 
+    _curvature_source = "ScaLLA computes the GGN of its surrogate's features"
+
     def __init__(
         self,
         model: nn.Module,
         likelihood: str,
+        sigma_noise: float | Tensor = 1.0,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: Any = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        *,
         n_features: int = 128,
         surrogate: nn.Module | None = None,
-        prior_precision: float = 1.0,
-        sigma_noise: float = 1.0,
         seed: int = 0,
         last_layer: bool | int | str = "auto",
         residual_variance: bool | str = "auto",
         head_width: int | str = "auto",
         gate: bool | str = "auto",
     ):
-        super().__init__(model, likelihood, prior_precision, sigma_noise)
+        super().__init__(
+            model, likelihood, sigma_noise, prior_precision, prior_mean, temperature,
+            enable_backprop, dict_key_x, dict_key_y, backend, backend_kwargs, asdl_fisher_kwargs,
+        )  # fmt: skip
         if last_layer != "auto" and not isinstance(last_layer, (bool, int)):
             raise TypeError(
                 f"fastlla: last_layer must be 'auto', a bool or an int rank, got {last_layer!r}"
@@ -622,6 +643,8 @@ class ScaLLA(LaplaceBase):
     def _context_inputs(self, loader: Iterable) -> Iterator[Any]:
         n = 0
         for batch in loader:
+            if isinstance(batch, Mapping):  # a dict batch: every entry but the target is input
+                batch = {k: v for k, v in batch.items() if k != self.dict_key_y}
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             x = to_device(x, self.device, self.dtype)
             check_finite("the inputs of context_loader", x)

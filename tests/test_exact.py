@@ -219,6 +219,10 @@ def test_exact_matches_oracle(case, form):
             ref = oracle.marglik(delta, s)
             got = float(la.log_marginal_likelihood(delta, s))
             assert abs(got - ref) <= REL * abs(ref), (s, got, ref)
+    # as in laplace-torch, the evidence stores the (δ, σ) it was last given
+    assert float(la.prior_precision) == (delta if likelihood == "regression" else 20.0)
+    assert float(la.sigma_noise) == (2.5 if likelihood == "regression" else 1.0)
+    la.prior_precision, la.sigma_noise = delta, sigma
 
     # The estimator's call: probit probabilities, or (mean, cov [+ σ²I]).
     ref_cov = oracle.predictive_cov(Xs, delta, sigma)
@@ -352,7 +356,7 @@ def test_marglik_optimisation_with_sigma_noise():
         options={"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000},
     )
     best = -res.fun
-    got = oracle.marglik(la.prior_precision, la.sigma_noise)
+    got = oracle.marglik(float(la.prior_precision), float(la.sigma_noise))
     assert got >= best - 1e-6 * abs(best), (got, best)
     assert abs(math.log(la.sigma_noise) - res.x[1]) < 1e-3
     assert abs(math.log(la.prior_precision) - res.x[0]) < 1e-2

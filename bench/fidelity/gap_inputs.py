@@ -36,7 +36,7 @@ def main() -> None:
     model = train_map(MLP(1, 1, hidden=(50, 50)), train, likelihood="regression", seed=0)
     exact = ExactLLA(model, "regression").fit(ds.loader("train", 64))
     exact.optimize_prior_precision("marglik", optimize_sigma_noise=True)
-    delta, sigma = exact.prior_precision, exact.sigma_noise
+    delta, sigma = float(exact.prior_precision), float(exact.sigma_noise)
     grid = ds.x_grid
     in_gap = (grid.abs() < 1).squeeze(-1)
     lo, hi = float(grid.min()), float(grid.max())

@@ -597,7 +597,7 @@ def run_case(benchmark, budget, section, s: Setting, method: Method, row: dict) 
             psi = penultimate(la.model, la.residual_head.head_name, x, la.residual_head.has_bias)
             fns["residual_head"] = lambda: la.residual_head(x, psi)
         fns["cov_op"] = lambda: la.posterior.covariance(
-            feats.phi, la.prior_precision, la.data_scale, feats.kron
+            feats.phi, float(la.prior_precision), la.data_scale, feats.kron
         )
     release_memory()
     slow = cfg.get("latency_seconds", 5.0)
