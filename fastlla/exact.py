@@ -268,11 +268,12 @@ class ExactLLA(LaplaceBase):
         if kxx is None:
             kxx, kxX = J @ J.mT, J @ self._jhat.mT
         key = (float(prior_precision), float(data_scale))
-        if self._kernel_chol is None or self._kernel_chol[0] != key:
+        cached = self._kernel_chol  # a local: another thread may replace the cache meanwhile
+        if cached is None or cached[0] != key:
             eye = torch.eye(self._kernel.shape[0], dtype=self.dtype, device=self.device)
-            L = psd_safe_cholesky(prior_precision * eye + data_scale * self._kernel)
-            self._kernel_chol = (key, L)
-        L = self._kernel_chol[1]
+            cached = (key, psd_safe_cholesky(prior_precision * eye + data_scale * self._kernel))
+            self._kernel_chol = cached
+        L = cached[1]
         B, C, NC = kxX.shape
         V = torch.linalg.solve_triangular(L, kxX.reshape(B * C, NC).mT, upper=False)
         V = V.reshape(NC, B, C).permute(1, 0, 2)

@@ -9,6 +9,7 @@ running statistics, in eval mode) stay constant. Inputs may be a tensor, a tuple
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,11 +88,42 @@ def call_module(module: nn.Module, x: Inputs) -> Any:
 
 
 def _call(module: nn.Module, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
+    module = _private_copy(module)
     if isinstance(x, Tensor):
         return functional_call(module, params, (x,))
     if isinstance(x, Mapping):
         return functional_call(module, params, (), dict(x))
     return functional_call(module, params, tuple(x))
+
+
+def _private_copy(module: nn.Module) -> nn.Module:
+    """``module``'s tree rebuilt from new module objects that hold the same tensors.
+
+    ``functional_call`` swaps the tensors it is given into the module it runs for the length of
+    the call; on the user's module every other thread running it meanwhile would compute with
+    them (and with the transforms' wrapped tensors). Each call swaps them into its own copy: only
+    the per-module dicts are new (a module registered twice stays one object, so tied weights
+    stay tied); tensors, hooks and other attributes are shared.
+    """
+    copies: dict[int, nn.Module] = {}
+
+    def copy_of(m: nn.Module) -> nn.Module:
+        if id(m) not in copies:
+            clone = copies[id(m)] = object.__new__(type(m))
+            clone.__dict__.update(m.__dict__)
+            clone.__dict__["_parameters"] = type(m._parameters)(m._parameters)
+            clone.__dict__["_buffers"] = type(m._buffers)(m._buffers)
+            clone.__dict__["_modules"] = type(m._modules)(
+                (k, None if c is None else copy_of(c)) for k, c in m._modules.items()
+            )
+        return copies[id(m)]
+
+    return copy_of(module)
+
+
+#: PyTorch's forward-mode AD level is process-global (``torch.autograd.forward_ad``): JVPs of two
+#: threads at once fail ("no level exists"), so fastlla runs its JVPs one at a time.
+_FORWARD_AD_LOCK = threading.RLock()
 
 
 class NetworkFunction:
@@ -171,7 +203,7 @@ class NetworkFunction:
         def one(t):
             return jvp(lambda p: self(p, x), (params,), (t,))
 
-        with forward_ad_kernels(rnn=self._has_rnn):
+        with _FORWARD_AD_LOCK, forward_ad_kernels(rnn=self._has_rnn):
             try:
                 out, z = vmap(one, out_dims=(None, 0))(dict(tangents))
             except RuntimeError as err:

@@ -117,10 +117,13 @@ class FeaturePosterior:
     def cholesky(self, prior_precision: float, data_scale: float = 1.0) -> Tensor:
         """Lower Cholesky factor of the precision, cached for the last ``(δ, s)``."""
         key = (float(prior_precision), float(data_scale))
-        if self._chol_key != key:
-            self._chol = psd_safe_cholesky(self.precision(prior_precision, data_scale))
-            self._chol_key = key
-        return self._chol
+        # the key is read before the factor and written after it, and the factor returned is a
+        # local: threads predicting at once may each fill the cache
+        chol = self._chol if self._chol_key == key else None
+        if chol is None:
+            chol = psd_safe_cholesky(self.precision(prior_precision, data_scale))
+            self._chol, self._chol_key = chol, key
+        return chol
 
     def covariance(
         self, phi: Tensor, prior_precision: float, data_scale: float = 1.0,
@@ -161,13 +164,14 @@ class FeaturePosterior:
         re-derived from it by triangular solves.
         """
         key = (float(prior_precision), float(data_scale), m, C)
-        if self._kron_key != key:
+        if self._kron_key == key:  # locals, the key read first: as in `cholesky`
+            Lp, kron = self._kron_chol, self._kron
+        else:
             order = self._kron_order(m)
             A = self.precision(prior_precision, data_scale)
-            self._kron_chol = psd_safe_cholesky(A[order][:, order])
-            self._kron_key, self._kron = key, None
-        if self._kron is None:
-            Lp = self._kron_chol
+            Lp, kron = psd_safe_cholesky(A[order][:, order]), None
+            self._kron_chol, self._kron_key, self._kron = Lp, key, None
+        if kron is None:
             n_e = Lp.shape[0] - m
             k = n_e // C
             eye = torch.eye(n_e, dtype=Lp.dtype, device=Lp.device)
@@ -175,8 +179,9 @@ class FeaturePosterior:
             # (L_ee⁻¹(a ⊗ I))[i, c] = Σ_d a_d L_ee⁻¹[i, d·C + c]: T_e[d, i·C + c]
             T_e = inv_ee.reshape(n_e, k, C).permute(1, 0, 2).reshape(k, n_e * C)
             T_l = (Lp[n_e:, :n_e] @ inv_ee).reshape(m, k, C).permute(1, 0, 2).reshape(k, m * C)
-            self._kron = (T_e.contiguous(), T_l.contiguous(), Lp[n_e:, n_e:].contiguous())
-        return self._kron
+            kron = (T_e.contiguous(), T_l.contiguous(), Lp[n_e:, n_e:].contiguous())
+            self._kron = kron
+        return kron
 
     def _kron_order(self, m: int) -> Tensor:
         """Feature order with the last ``M − m`` (Kronecker) features first."""

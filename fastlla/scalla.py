@@ -50,6 +50,7 @@ from .surrogate import (
     default_surrogate,
     forward_with_penultimate,
     gated_structure,
+    head_is_output,
     last_layer_surrogate,
     last_linear,
     surrogate_features,
@@ -270,12 +271,29 @@ class ScaLLA(LaplaceBase):
             )
         return possible and self.gate is not False
 
+    def _check_head_is_output(self, last_layer: bool | int, x0: Any) -> bool | int:
+        """``last_layer``, or ``False`` for ``"auto"`` where the network does not return its last
+        ``nn.Linear``'s output on the batch ``x0`` (the exact block would be wrong)."""
+        name = last_linear(self.model)[0]
+        if head_is_output(self.model, name, x0):
+            return last_layer
+        if self.last_layer != "auto":
+            raise ValueError(
+                f"fastlla: last_layer={self.last_layer!r} needs the network to return the output "
+                f"of its last nn.Linear {name!r}, which it does not on the first training batch; "
+                "pass last_layer=False"
+            )
+        return False
+
     def _ensure_surrogate(self, n_outputs: int, context: bool = False, x0: Any = None) -> nn.Module:
         """Build the default surrogate unless there is one; ``x0`` (a batch) confirms the gated
         structure on data (``gate="auto"`` falls back to the plain surrogate where it fails)."""
         if self.surrogate is None:
             torch.manual_seed(self.seed)
-            last_layer = self.last_layer_used = self._resolve_last_layer(n_outputs, context)
+            last_layer = self._resolve_last_layer(n_outputs, context)
+            if last_layer is not False and x0 is not None:
+                last_layer = self._check_head_is_output(last_layer, x0)
+            self.last_layer_used = last_layer
             gated = self.gate_used = self._resolve_gate(last_layer)
             if gated:
                 surrogate = last_layer_surrogate(
@@ -766,8 +784,9 @@ class ScaLLA(LaplaceBase):
             else:
                 bias = exact.has_bias if exact is not None else self.residual_head.has_bias
                 f, psi = forward_with_penultimate(
-                    self.model, head_name, x, bias, forward=lambda: self.network.output(x)
+                    self.model, head_name, x, bias, head_is_output=exact is not None
                 )
+                f = f.unsqueeze(-1) if f.dim() == 1 else f
             # finiteness is checked on the covariance (B·C² values, not B·M·C): NaN/Inf propagate
             if exact is None:
                 phi = check_surrogate_output(

@@ -47,6 +47,9 @@ __all__ = [
     "gated_structure",
     "ResidualHead",
     "penultimate",
+    "forward_with_penultimate",
+    "head_is_output",
+    "tapped_network",
     "default_surrogate",
     "last_layer_surrogate",
     "check_surrogate_output",
@@ -257,7 +260,7 @@ class GatedSurrogate(nn.Module):
     held-out kernel error of JVP training at equal wall time (~6 min) from 0.129 to 0.083
     (``bench/fidelity/RESULTS.md``).
 
-    ``forward(x)`` reads ``φ`` through a hook on the network's head; callers that already have
+    ``forward(x)`` reads ``φ`` by running the network (:func:`penultimate`); callers that already have
     ``φ`` (the exact block, the exported predictor) use :meth:`features` and save a forward pass.
     """
 
@@ -320,19 +323,8 @@ class GatedSurrogate(nn.Module):
     def check(self, x: Any) -> bool:
         """Whether, on the batch ``x``, the network's head reads the activation's output and the
         activation reads the gated layer's output — the structure the features assume."""
-        model = self._model[0]
-        seen: dict[str, Any] = {}  # each module's last call (a shared activation runs often)
-        hooks = [
-            model.get_submodule(name).register_forward_hook(
-                lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))
-            )
-            for name in self.structure
-        ]
-        try:
-            call_module(model, x)
-        finally:
-            for handle in hooks:
-                handle.remove()
+        tapped, seen = tapped_network(self._model[0], self.structure)
+        call_module(tapped, x)
         if len(seen) != 3:
             return False
         (_, z), (a_in, a_out), (h_in, _) = (seen[n] for n in self.structure)
@@ -346,34 +338,101 @@ def penultimate(model: nn.Module, head_name: str, x: Any, bias: bool = True) -> 
 
 
 def forward_with_penultimate(
-    model: nn.Module, head_name: str, x: Any, bias: bool = True, forward: Any = None
+    model: nn.Module, head_name: str, x: Any, bias: bool = True, head_is_output: bool = False
 ) -> tuple[Any, Tensor]:
     """The network's output and ``[φ(x); 1]`` (or ``φ(x)``) from one forward pass, no grad.
 
-    ``forward()`` runs the network (default ``call_module(model, x)``); a hook on the module
-    ``head_name`` reads its input on the way.
+    ``φ(x)`` is the input of the module ``head_name`` at its last call. ``head_is_output``: also
+    check that the network returns that call's output (``f = Wφ + b``, what the exact last-layer
+    block assumes). Raises ``ValueError`` when the module does not run (or, with
+    ``head_is_output``, the output differs). ``model`` is not changed (:func:`tapped_network`).
     """
-    captured: list[Tensor] = []
-    handle = model.get_submodule(head_name).register_forward_pre_hook(
-        lambda mod, args: captured.append(args[0])
-    )
-    try:
-        with torch.no_grad():
-            out = forward() if forward is not None else call_module(model, x)
-    finally:
-        handle.remove()
-    phi = captured[-1].reshape(captured[-1].shape[0], -1)
+    tapped, seen = tapped_network(model, [head_name])
+    with torch.no_grad():
+        out = call_module(tapped, x)
+    if head_name not in seen:
+        raise ValueError(
+            f"fastlla: the network's forward pass did not call its module {head_name!r}, whose "
+            "input is read as the penultimate features"
+        )
+    phi, head_out = seen[head_name]
+    if head_is_output and not _same_values(out, head_out):
+        raise ValueError(
+            f"fastlla: the network's output is not the output of its module {head_name!r}, as "
+            "the exact last-layer block assumes; pass last_layer=False"
+        )
+    phi = phi.reshape(phi.shape[0], -1)
     if bias:
         phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], dim=1)
     return out, phi
+
+
+def head_is_output(model: nn.Module, head_name: str, x: Any) -> bool:
+    """Whether, on the batch ``x``, the network returns the output of its module ``head_name``."""
+    try:
+        forward_with_penultimate(model, head_name, x, bias=False, head_is_output=True)
+    except ValueError:
+        return False
+    return True
+
+
+def _same_values(out: Any, head_out: Any) -> bool:
+    if not (isinstance(out, Tensor) and isinstance(head_out, Tensor)) or out.dim() == 0:
+        return False
+    B = out.shape[0]
+    if head_out.dim() == 0 or head_out.shape[0] != B or out.numel() != head_out.numel():
+        return False
+    return torch.equal(out.reshape(B, -1), head_out.reshape(B, -1))
+
+
+def tapped_network(model: nn.Module, names: Any) -> tuple[nn.Module, dict[str, tuple[Any, Any]]]:
+    """A stand-in for ``model`` that records the ``(first input, output)`` of the last call of
+    each of its submodules ``names`` into the returned dict, as ``model`` runs.
+
+    Built per call, so concurrent calls share nothing they write. Hooks would change the user's
+    module, and a hook registered by one thread also records (and slows) every other thread's
+    passes. Only the modules on the paths from the root to ``names`` are new objects (shallow
+    copies whose children are re-linked); the tapped ones run their original ``forward`` and
+    keep their own hooks. Parameters, buffers and every other module are ``model``'s own.
+    """
+    seen: dict[str, tuple[Any, Any]] = {}
+    copies = {"": _shallow_copy(model)}
+
+    def copy_of(name: str) -> nn.Module:  # the copy of `name`, linked into its parent's copy
+        if name not in copies:
+            parent_name, _, attr = name.rpartition(".")
+            parent = copy_of(parent_name)
+            copies[name] = _shallow_copy(parent._modules[attr])
+            parent._modules[attr] = copies[name]
+        return copies[name]
+
+    for name in names:
+        tap, original = copy_of(name), model.get_submodule(name)
+
+        def forward(*args: Any, _name: str = name, _run: Any = original.forward, **kwargs: Any):
+            out = _run(*args, **kwargs)
+            seen[_name] = (args[0] if args else next(iter(kwargs.values()), None), out)
+            return out
+
+        tap.__dict__["forward"] = forward  # an instance attribute: nn.Module.__call__ runs it
+    return copies[""], seen
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object with ``module``'s attributes (the same parameters, buffers, children
+    and hooks) and its own dict of children."""
+    clone = object.__new__(type(module))
+    clone.__dict__.update(module.__dict__)
+    clone.__dict__["_modules"] = type(module._modules)(module._modules)
+    return clone
 
 
 class ResidualHead(nn.Module):
     """``R(x) ∈ R^{C×C}`` with ``R Rᵀ ≈ κ(x, x) − g(x)ᵀg(x)``: the NTK's diagonal block the
     surrogate's features miss, for the residual prior variance ``R Rᵀ/δ`` (FITC-style).
 
-    A small MLP on the network's own penultimate features ``[φ(x); 1]`` (read through a hook on
-    its last ``nn.Linear``). Trained beside the surrogate from the same JVPs: the per-input
+    A small MLP on the network's own penultimate features ``[φ(x); 1]`` (the input of its last
+    ``nn.Linear``, :func:`penultimate`). Trained beside the surrogate from the same JVPs: the per-input
     target ``(1/S) Σ_s z_s z_sᵀ − g gᵀ`` is unbiased for the residual block, so the squared
     error's gradient is unbiased too.
     """
