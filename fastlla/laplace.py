@@ -338,6 +338,7 @@ class LaplaceBase:
         records the input ranks so that predicting for an input without batch dimension is
         refused clearly.
         """
+        self._check_outputs(f)  # finite first
         with torch.no_grad():
             again = self.network.output(x)
         tol = math.sqrt(torch.finfo(f.dtype).eps)  # far above kernel non-determinism

@@ -201,8 +201,12 @@ ZOO = {
     "conv2d_bn_residual": (
         ConvResNet, lambda g, dt: torch.randn(N, 1, 6, 6, generator=g).to(dt), "classification"
     ),
-    "layernorm_groupnorm": (NormNet, lambda g, dt: torch.randn(N, 5, generator=g).to(dt), "regression"),
-    "embedding": (EmbeddingNet, lambda g, dt: torch.randint(0, 20, (N, L), generator=g), "classification"),
+    "layernorm_groupnorm": (
+        NormNet, lambda g, dt: torch.randn(N, 5, generator=g).to(dt), "regression"
+    ),
+    "embedding": (  # integer inputs
+        EmbeddingNet, lambda g, dt: torch.randint(0, 20, (N, L), generator=g), "classification"
+    ),
     "rnn_last": (lambda: RecurrentNet("RNN"), _sequence, "regression"),
     "lstm2_last": (lambda: RecurrentNet("LSTM", layers=2), _sequence, "regression"),
     "gru_mean": (lambda: RecurrentNet("GRU", pool="mean"), _sequence, "classification"),
@@ -242,9 +246,10 @@ def build(name: str, dtype: torch.dtype):
 def reverse_mode_jacobian(model, x):
     """(N, C, P) in float64 from a float64 copy of the model: the oracle (math SDPA kernels)."""
     model64 = copy.deepcopy(model).double()
-    x64 = {k: v.double() if v.is_floating_point() else v for k, v in x.items()} if isinstance(x, dict) else (
-        x.double() if x.is_floating_point() else x
-    )
+    def up(v):
+        return v.double() if v.is_floating_point() else v
+
+    x64 = {k: up(v) for k, v in x.items()} if isinstance(x, dict) else up(x)
     with sdpa_kernel(SDPBackend.MATH):
         return oracle_jacobian(model64, x64)
 
@@ -280,7 +285,9 @@ def test_short_fits_leave_the_kernel_flags_alone(name, dtype):
     else:
         y = torch.randn(N, C, generator=g, dtype=torch.float64).to(dtype)
     half = N // 2
-    take = (lambda a, b: {k: v[a:b] for k, v in x.items()}) if isinstance(x, dict) else (lambda a, b: x[a:b])
+    def take(a, b):
+        return {k: v[a:b] for k, v in x.items()} if isinstance(x, dict) else x[a:b]
+
     loader = [(take(0, half), y[:half]), (take(half, N), y[half:])]
     before = flags()
     sc = fastlla.ScaLLA(model, likelihood, n_features=8, residual_variance="jvp", head_width=16)
@@ -424,11 +431,13 @@ class NoJVPAct(nn.Module):
 
 def test_op_without_forward_ad_is_named_with_its_module():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 4), NoJVPAct()), nn.Linear(4, 2))
+    inner = nn.Sequential(nn.Linear(4, 4), NoJVPAct())
+    model = nn.Sequential(nn.Linear(3, 4), inner, nn.Linear(4, 2))
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
     before = flags()
     la = fastlla.ScaLLA(model, "classification", n_features=4)
-    with pytest.raises(NotImplementedError, match=r"custom autograd\.Function in module '1\.1' \(NoJVPAct\)"):
+    named = r"custom autograd\.Function in module '1\.1' \(NoJVPAct\)"
+    with pytest.raises(NotImplementedError, match=named):
         la.fit([(x, y)], iterations=2, progress_bar=False)
     assert flags() == before
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
