@@ -483,3 +483,33 @@ def test_bad_update_on_one_rank_is_refused_everywhere(ranks):
 
 def test_dead_rank_gives_an_error_not_a_hang(ranks):
     assert ranks[0]["dead_rank"] is not None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"batch_size": None},
+        {"batch_size": 3, "drop_last": True},
+        {"batch_size": 3, "num_workers": 2},
+        {"batch_size": 2, "shuffle": True, "seed": 0},
+    ],
+    ids=["unbatched", "drop_last", "workers", "shuffled"],
+)
+def test_strided_loader_yields_the_loaders_own_batches(options):
+    """The strided copy of a DataLoader (no process group needed) yields batches r, r + W, … of
+    what the loader itself yields, and says how many."""
+    options = dict(options)
+    seed = options.pop("seed", None)
+    generator = None if seed is None else torch.Generator()
+    loader = DataLoader(TensorDataset(torch.arange(11.0)), generator=generator, **options)
+    for rank in range(WORLD):
+        if generator is not None:
+            generator.manual_seed(seed)
+        everything = [b[0].tolist() for b in loader]
+        if generator is not None:
+            generator.manual_seed(seed)
+        group = distributed.Group(rank, WORLD, torch.device("cpu"))
+        strided = distributed._strided_loader(loader, group)
+        got = [b[0].tolist() for b in strided]
+        assert got == everything[rank::WORLD]
+        assert len(strided) == len(got)
