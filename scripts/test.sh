@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command of README.md (and of CI): installs what the tests need, builds the compiled
-# library, runs the suite with it and again without it (pure-PyTorch reference ops), and
-# compiles every CUDA kernel file with nvcc when nvcc is present.
+# library, runs the suite with it (including the public-header C++ caller test), the op tests
+# again with the AVX-512 micro-kernels off (a CPU without AVX-512), the suite again without the
+# compiled library (pure-PyTorch reference ops), and compiles every CUDA kernel file with nvcc
+# when nvcc is present. Extra arguments go to every pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +13,10 @@ python -m pip install -q setuptools wheel ninja pybind11 numpy tqdm scikit-learn
 MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps -e .
 
 echo "== tests with the compiled library =="
-FASTLLA_REQUIRE_NATIVE=1 python -m pytest -q "$@"
+FASTLLA_REQUIRE_NATIVE=1 FASTLLA_TEST_HEADER=1 python -m pytest -q "$@"
+echo "== op tests with the compiled library, AVX-512 off (FASTLLA_DISABLE_AVX512=1) =="
+FASTLLA_REQUIRE_NATIVE=1 FASTLLA_DISABLE_AVX512=1 python -m pytest -q \
+    tests/test_ops.py tests/test_posterior.py tests/test_predictive.py "$@"
 echo "== tests with the pure-PyTorch reference ops (FASTLLA_DISABLE_NATIVE=1) =="
 FASTLLA_DISABLE_NATIVE=1 python -m pytest -q "$@"
 

@@ -27,3 +27,26 @@ def test_diabetes_quality_rows():
     # δ by validation NLL comes from the default grid 10^-4 … 10^4.
     for row in rows[1:]:
         assert 1e-4 * (1 - 1e-9) <= row.values["delta"] <= 1e4 * (1 + 1e-9)
+
+
+def test_regression_scores_add_the_noise_variance():
+    """The demo's regression NLL and CRPS are those of N(mean, var + σ²), against scipy."""
+    import numpy as np
+    import scipy.stats
+    import torch
+
+    from fastlla.demo import _regression_scores
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(50, 1, generator=g, dtype=torch.float64)
+    var = torch.rand(50, 1, generator=g, dtype=torch.float64) * 0.3
+    y = mean + torch.randn(50, 1, generator=g, dtype=torch.float64)
+    sigma = 0.7
+    scores = _regression_scores(mean, var, sigma, y)
+    sd = (var + sigma**2).sqrt().numpy()
+    nll = -scipy.stats.norm.logpdf(y.numpy(), mean.numpy(), sd).mean()
+    w = (y.numpy() - mean.numpy()) / sd  # Gneiting & Raftery's closed form of the Gaussian CRPS
+    crps = (sd * (w * (2 * scipy.stats.norm.cdf(w) - 1) + 2 * scipy.stats.norm.pdf(w) - 1 / np.sqrt(np.pi))).mean()
+    assert abs(scores["nll"] - nll) <= 1e-10 * abs(nll)
+    assert abs(scores["crps"] - crps) <= 1e-10 * abs(crps)
+    assert scores["rmse"] == pytest.approx(float(((y - mean) ** 2).mean().sqrt()), rel=1e-12)

@@ -2,6 +2,21 @@
 
 Tests take ``device`` and ``dtype`` as fixtures (``cpu``, plus ``cuda`` when a GPU is present;
 float32 and float64), so every op is checked on every backend the machine has.
+
+How tolerances are chosen
+-------------------------
+Two computations of one quantity by different paths (a kernel against its reference, a
+factorisation against an explicit inverse, BLAS with and without AVX-512) agree only up to
+rounding, and rounding depends on the CPU, the BLAS build and the summation order. So:
+
+* Exact equality (``rtol=0, atol=0``, ``torch.equal``) only where the *same* computation is
+  repeated: determinism, thread safety, a value that must be left untouched, a documented alias.
+* Otherwise the tolerance is ``eps_tolerance(dtype, n, cond)`` = ``safety · n · cond · ε`` with
+  ``ε`` the dtype's machine epsilon, ``n`` the length of the longest accumulation (or the matrix
+  order of a factorisation) and ``cond`` the condition number of the problem (1 for
+  products and sums of non-negative terms); ``atol`` is that same relative tolerance times the
+  largest entry of the expected value (``assert_close`` does this), never 0.
+* ``tolerance(dtype)`` is the fixed shorthand for results of a few hundred accumulated products.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ __all__ = [
     "device",
     "dtype",
     "tolerance",
+    "eps_tolerance",
     "assert_close",
     "strided",
     "random_factor",
@@ -48,6 +64,12 @@ def dtype(request) -> torch.dtype:
 def tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance for results of a few hundred accumulated products."""
     return 2e-4 if dtype == torch.float32 else 1e-10
+
+
+def eps_tolerance(dtype: torch.dtype, n: int = 1, cond: float = 1.0, safety: float = 8.0) -> float:
+    """Relative tolerance ``safety · n · cond · ε(dtype)`` for two paths to one quantity: ``n``
+    accumulated terms (or the order of a factorised matrix), condition number ``cond``."""
+    return safety * max(n, 1) * max(cond, 1.0) * torch.finfo(dtype).eps
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
