@@ -146,7 +146,6 @@ class LaplaceBase:
                     UserWarning,
                     stacklevel=3,
                 )
-        self.model = model.eval()
         self.network = self._make_network(model)
         first = next(p for p in model.parameters() if p.requires_grad)
         self.device, self.dtype = first.device, first.dtype
@@ -154,6 +153,7 @@ class LaplaceBase:
         self.temperature = temperature
         self.sigma_noise = sigma_noise
         self.prior_precision = prior_precision
+        self.model = model.eval()  # after every check: a refused estimator leaves the model alone
         self.n_outputs: int | None = None
         self.n_data = 0
         # Sufficient statistics of the log-likelihood at θ*: Σ log p(y|f) for classification,

@@ -116,7 +116,9 @@ def check_threaded(predictors: list, inputs: list, model: nn.Module, oracles: li
     check_parameters_unchanged(model, params)
 
 
-LINKS = [dict(link_approx="probit"), dict(link_approx="bridge"), dict(link_approx="mc", n_samples=20)]
+LINKS = [
+    dict(link_approx="probit"), dict(link_approx="bridge"), dict(link_approx="mc", n_samples=20)
+]
 
 SCALLA_CASES = [
     # (likelihood, estimator options); the comment says what it exercises
@@ -167,7 +169,8 @@ def test_exact_prediction_is_thread_safe(likelihood, form):
 def test_exported_predictor_is_thread_safe(likelihood):
     model = make_model(C if likelihood == "classification" else 2)
     loader, inputs = make_data(model, likelihood)
-    la = fastlla.ScaLLA(model, likelihood, n_features=M).fit(loader, iterations=3, progress_bar=False)
+    la = fastlla.ScaLLA(model, likelihood, n_features=M)
+    la.fit(loader, iterations=3, progress_bar=False)
     outputs = ["probit", "bridge", "gaussian"] if likelihood == "classification" else ["gaussian"]
     predictors = [la.export(output=o) for o in outputs]
     predictors += [Predictor.from_estimator(la, output=outputs[0], ops="fastlla")]
@@ -217,9 +220,10 @@ def test_first_predictions_are_thread_safe():
     are computed by whichever thread comes first) agree with a warm estimator's answers."""
     model = make_model(C)
     loader, inputs = make_data(model, "classification")
+    short = dict(iterations=3, progress_bar=False)
     for estimator, options, fit in [
-        (fastlla.ScaLLA, {}, dict(iterations=3, progress_bar=False)),  # the Kronecker factors
-        (fastlla.ScaLLA, dict(last_layer=False, gate=False), dict(iterations=3, progress_bar=False)),
+        (fastlla.ScaLLA, {}, short),  # the Kronecker factors
+        (fastlla.ScaLLA, dict(last_layer=False, gate=False), short),  # the plain factor
         (fastlla.ExactLLA, dict(form="function"), {}),
     ]:
         warm = estimator(model, "classification", **options).fit(loader, **fit)
