@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import _ops
 from .functional import batch_size, slice_batch
-from .laplace import LaplaceBase
+from .laplace import LaplaceBase, _state_int, _state_tensor
 from .posterior import FeaturePosterior, psd_safe_cholesky
 from .predictive import Likelihood
 
@@ -103,35 +103,52 @@ class ExactLLA(LaplaceBase):
 
     # ------------------------------------------------------------------ fitting
     def fit(self, train_loader: Iterable, progress_bar: bool = False) -> ExactLLA:
-        """Accumulate the exact GGN (or NTK Gram) over ``train_loader``."""
-        self._reset()
+        """Accumulate the exact GGN (or NTK Gram) over ``train_loader``.
+
+        Everything is computed before anything is stored: a fit that fails (an empty loader,
+        NaN outputs in a later batch, ...) leaves the estimator, an earlier fit included, as it
+        was.
+        """
         form = self._resolve_form(train_loader)
         P = self.n_params
         G = torch.zeros(P, P, dtype=self.dtype, device=self.device) if form == "weight" else None
-        rows = []
+        classification = self.likelihood is Likelihood.CLASSIFICATION
+        rows, n_outputs, n_data, stat = [], None, 0, 0.0
         for x, y in tqdm(self._batches(train_loader), disable=not progress_bar, desc="ExactLLA"):
             f = self.network.output(x)
-            self._accumulate_loglik(f, y)
+            self._check_outputs(f, y, n_outputs)
+            n_outputs = f.shape[-1]
+            stat += self._loglik_term(f, y)
+            n_data += f.shape[0]
             J = self._jacobians(x)
-            classification = self.likelihood is Likelihood.CLASSIFICATION
             if form == "weight":
                 _ops.ggn_accumulate(G, J.mT.contiguous(), f if classification else None)
             else:
                 Jhat = softmax_hessian_factor(f).mT @ J if classification else J
                 rows.append(Jhat.reshape(-1, P))
-        if form == "weight":
-            self.posterior = FeaturePosterior(G)
-            self._jhat = None
-        else:
-            self.posterior = None
-            self._jhat = torch.cat(rows)
-            K = self._jhat @ self._jhat.mT
-            self._kernel = 0.5 * (K + K.mT)
-            self._kernel_eigvals = None
-            self._kernel_chol = None
-        self.fitted_form = form
-        self._fitted = True
+        posterior = FeaturePosterior(G) if form == "weight" else None
+        jhat = None if form == "weight" else torch.cat(rows)
+        self._commit(
+            form, posterior, jhat, n_outputs=n_outputs, n_data=n_data, _loglik_stat=stat,
+            _param_norm2=float(self.network.flat_params().double().square().sum()),
+        )  # fmt: skip
         return self
+
+    def _commit(
+        self, form: str, posterior: FeaturePosterior | None, jhat: Tensor | None, **base: Any
+    ) -> None:
+        """Store a complete fit (or loaded state); nothing here can fail part-way."""
+        kernel = None
+        if jhat is not None:
+            K = jhat @ jhat.mT
+            kernel = 0.5 * (K + K.mT)
+        self.__dict__.update(base)
+        self.fitted_form, self.posterior, self._jhat = form, posterior, jhat
+        if kernel is not None:
+            self._kernel = kernel
+        self._kernel_eigvals = None
+        self._kernel_chol = None
+        self._mark_fitted()
 
     # ------------------------------------------------------------------ hooks
     def _eigvals(self) -> Tensor:
@@ -176,17 +193,32 @@ class ExactLLA(LaplaceBase):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._load_base_state(state)
-        self.fitted_form = state["form"]
-        self.chunk_size = state["chunk_size"]
-        if self.fitted_form == "weight":
-            self.posterior = FeaturePosterior(state["H"].to(self.device, self.dtype))
-            self._jhat = None
+        """Restore a fitted estimator; the model must be the one it was fitted on.
+
+        Every entry is checked (keys, types, counts, finiteness, and ``H`` (P, P) or ``jhat``
+        (N·C, P) against the model and the counts) before anything changes: a refused state
+        leaves the estimator as it was.
+        """
+        base = self._validated_base_state(state, ("form", "chunk_size"), ("H", "jhat"))
+        form = state["form"]
+        if form not in ("weight", "function"):
+            raise ValueError(f"fastlla: state_dict['form'] must be 'weight' or 'function', got {form!r}")
+        chunk_size = _state_int(state, "chunk_size", minimum=1)
+        key = "H" if form == "weight" else "jhat"
+        other = "jhat" if form == "weight" else "H"
+        if key not in state or other in state:
+            raise ValueError(
+                f"fastlla: a {form}-space state_dict holds {key!r} (and not {other!r})"
+            )
+        P = self.n_params
+        shape = (P, P) if form == "weight" else (base["n_data"] * base["n_outputs"], P)
+        value = _state_tensor(state, key, shape).to(self.device, self.dtype)
+        posterior = jhat = None
+        if form == "weight":
+            if not torch.allclose(value, value.mT, rtol=1e-4, atol=1e-6 * float(value.abs().max())):
+                raise ValueError("fastlla: state_dict['H'] is not symmetric")
+            posterior = FeaturePosterior(value)
         else:
-            self.posterior = None
-            self._jhat = state["jhat"].to(self.device, self.dtype)
-            K = self._jhat @ self._jhat.mT
-            self._kernel = 0.5 * (K + K.mT)
-            self._kernel_eigvals = None
-            self._kernel_chol = None
-        self._fitted = True
+            jhat = value
+        self.chunk_size = chunk_size
+        self._commit(form, posterior, jhat, **base)
