@@ -393,6 +393,10 @@ class ScaLLA(LaplaceBase):
         self.n_outputs = f0.shape[-1]
         surrogate = self._ensure_surrogate(self.n_outputs, context_loader is not None, x0)
         surrogate.to(device=self.device)
+        learned = getattr(surrogate, "learned", surrogate)
+        if isinstance(learned, GatedSurrogate):  # its W is the network's: current at each fit
+            with torch.no_grad():
+                learned.head_weight.copy_(self.model.get_submodule(learned.head_name).weight)
         with torch.no_grad():
             self.n_features = self._surrogate_features(x0).shape[1]
         if isinstance(surrogate, LastLayerSurrogate):
