@@ -222,6 +222,19 @@ class Predictor(nn.Module):
         options = dict(predictor_options or {}, residual_head=head)
         return cls(model, surrogate, n_features, n_outputs, likelihood, **options, _copy=False)
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, all or nothing: a refused state (a missing key, a
+        shape or setting that does not match) leaves the predictor as it was."""
+        saved = {
+            k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+            for k, v in self.state_dict().items()
+        }
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            super().load_state_dict(saved)
+            raise
+
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "likelihood": self.likelihood.value,

@@ -205,40 +205,60 @@ class LaplaceBase:
     def _mark_fitted(self) -> None:
         """The fit is complete: record what identifies the model it belongs to."""
         self._fitted = True
-        self._fingerprint = self._model_fingerprint()
+        modules = tuple(self.model.modules())
+        self._fingerprint = (modules, [_module_state(m) for m in modules], _snapshot(modules))
 
-    def _model_fingerprint(self) -> tuple:
-        """Identity, storage and version counter of every parameter and buffer, and every
-        module's training flag: cheap (no pass over the weights), and any in-place change,
-        replacement or ``train()``/``eval()`` switch alters it."""
-        tensors = tuple(
-            (name, id(t), t.data_ptr(), t._version)
-            for named in (self.model.named_parameters, self.model.named_buffers)
-            for name, t in named(remove_duplicate=False)
-        )
-        modes = tuple((name, m.training) for name, m in self.model.named_modules(remove_duplicate=False))
-        return tensors, modes
+    def __getstate__(self) -> dict[str, Any]:
+        # version counters and identities do not survive a copy or pickle: the copy re-records
+        # them for its own model (unless the fit was already stale)
+        state = dict(self.__dict__)
+        if state.get("_fingerprint") is not None:
+            stale = not _unchanged(self._fingerprint[0], self._fingerprint[2])
+            state["_fingerprint"] = "stale" if stale else "copied"
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.__dict__.get("_fingerprint") == "copied":
+            self._mark_fitted()
 
     def _check_model_unchanged(self) -> None:
+        """Refuse a fit whose model changed since (see the class docstring): one pass over the
+        recorded modules' modes, children and tensors' version counters, none over weights."""
         if self._fingerprint is None:
             return
-        now = self._model_fingerprint()
-        if now == self._fingerprint:
-            return
-        (old_t, old_m), (new_t, new_m) = self._fingerprint, now
-        changed_modes = [n or "<model>" for (n, a), (_, b) in zip(old_m, new_m) if a != b]
-        if len(old_m) == len(new_m) and changed_modes and old_t == new_t:
+        if self._fingerprint == "stale":
             raise ModelChangedError(
-                f"fastlla: module(s) {changed_modes[:5]} of the model switched train/eval mode since "
-                f"{type(self).__name__}.fit; put the model back as it was (model.eval()) or fit again"
+                f"fastlla: this {type(self).__name__} was copied from one whose model had changed "
+                "since fit; fit again"
             )
-        old = {n: rest for n, *rest in old_t}
-        new = {n: rest for n, *rest in new_t}
-        names = [n for n in {**old, **new} if old.get(n) != new.get(n)] or changed_modes
+        modules, states, snapshot = self._fingerprint
+        if _unchanged(modules, snapshot):
+            return
+        names = {id(m): n or "<model>" for n, m in self.model.named_modules()}
+        changed = [
+            (names.get(id(m), "a module no longer in the model"), old, _module_state(m))
+            for m, old in zip(modules, states)
+            if _module_state(m) != old
+        ]
+        if all(old[1:] == new[1:] for _, old, new in changed):
+            raise ModelChangedError(
+                f"fastlla: module(s) {[n for n, _, _ in changed][:5]} of the model switched "
+                f"train/eval mode since {type(self).__name__}.fit; put the model back as it was "
+                "(model.eval()) or fit again"
+            )
+        what = []
+        for name, old, new in changed:
+            if name == "a module no longer in the model":
+                continue  # its parent reports the replacement
+            prefix = "" if name == "<model>" else name + "."
+            if old[1] != new[1] or len(old[2]) != len(new[2]):
+                what.append(f"the submodules or tensors of {name}")
+            what += [prefix + a[0] for a, b in zip(old[2], new[2]) if a != b]
         raise ModelChangedError(
-            f"fastlla: the model changed since {type(self).__name__}.fit (first changed: "
-            f"{names[:5]}); the posterior belongs to the old weights: fit again (or "
-            "load_state_dict the fit of these weights)"
+            f"fastlla: the model changed since {type(self).__name__}.fit ({', '.join(what[:5])}); "
+            "the posterior belongs to the old weights: fit again (or load_state_dict the fit "
+            "of these weights)"
         )
 
     @contextlib.contextmanager
@@ -382,7 +402,12 @@ class LaplaceBase:
 
     # ------------------------------------------------------------------ prediction
     def predictive_distribution(self, x: Any) -> tuple[Tensor, Tensor]:
-        """Gaussian over the outputs: mean ``f(x)`` (B, C) and covariance ``Σ(x)`` (B, C, C)."""
+        """Gaussian over the outputs: mean ``f(x)`` (B, C) and covariance ``Σ(x)`` (B, C, C).
+
+        A batch of no inputs gives empty results (the network is not run). Raises
+        :class:`NotFittedError` before ``fit`` and :class:`ModelChangedError` if the model
+        changed since.
+        """
         self._check_fitted()
         x = to_device(x, self.device, self.dtype)
         check_finite("the inputs", x)
@@ -510,6 +535,50 @@ class LaplaceBase:
             )
         values["_param_norm2"] = ours["param_norm2"]
         return values
+
+
+def _snapshot(modules: tuple[nn.Module, ...]) -> tuple:
+    """What :func:`_unchanged` compares: modes, children, and each parameter's and buffer's
+    table, name, identity, version counter and storage, flat."""
+    tensors = [
+        (table, name, t, t._version, t.data_ptr())
+        for m in modules
+        for table in (m._parameters, m._buffers)
+        for name, t in table.items()
+        if t is not None
+    ]
+    return (
+        [m.training for m in modules],
+        [dict(m._modules) for m in modules],
+        [len(m._parameters) + len(m._buffers) for m in modules],
+        tensors,
+    )
+
+
+def _unchanged(modules: tuple[nn.Module, ...], snapshot: tuple) -> bool:
+    """Whether ``modules`` are as :func:`_snapshot` recorded them (the per-call fast path)."""
+    modes, children, sizes, tensors = snapshot
+    return (
+        [m.training for m in modules] == modes
+        and all(
+            table.get(name) is t and t._version == version and t.data_ptr() == ptr
+            for table, name, t, version, ptr in tensors
+        )
+        and [m._modules for m in modules] == children
+        and [len(m._parameters) + len(m._buffers) for m in modules] == sizes
+    )
+
+
+def _module_state(m: nn.Module) -> tuple:
+    """A module's mode, children, and own parameters and buffers (name, identity, storage,
+    version counter): any in-place change, replacement or train/eval switch alters it."""
+    tensors = [
+        (name, id(t), t.data_ptr(), t._version)
+        for table in (m._parameters, m._buffers)
+        for name, t in table.items()
+        if t is not None
+    ]
+    return m.training, [id(c) for c in m._modules.values()], tensors
 
 
 def _state_int(state: Mapping, key: str, minimum: int | None = None, where: str = "state_dict") -> int:

@@ -3,6 +3,9 @@
 Every estimator produces, per input, the network's own output ``f(x)`` as the mean and a
 ``C×C`` covariance ``Σ(x)``. Classification turns ``N(f, Σ)`` into class probabilities
 (probit, Laplace bridge or Monte Carlo); regression adds the observation noise ``σ²``.
+Each link has a log-space twin (``log_probit``, ``log_laplace_bridge``, ``log_monte_carlo``,
+:func:`log_class_probabilities`) that every NLL uses: finite for logits of any spread, where a
+probability underflows to 0 in float32.
 """
 
 from __future__ import annotations

@@ -382,3 +382,34 @@ def test_load_state_dict_binds_the_fit_to_the_model_as_it_is(kind):
         model[0].weight.add_(1.0)
     with pytest.raises(ModelChangedError):
         other(X_TEST)
+
+
+def test_a_refused_predictor_state_leaves_the_predictor_as_it_was():
+    la = fit(make_estimator("ScaLLA"), make_batches())
+    predictor = la.export()
+    other = fit(make_estimator("ScaLLA", seed=5), make_batches(seed=3)).export()
+    before = copy.deepcopy(predictor.state_dict())
+    out = predictor(X_TEST)
+    bad = dict(other.state_dict())  # loads key by key until the bad one
+    last = list(bad)[-3]
+    bad[last] = torch.zeros(1, 2, 3)
+    with pytest.raises(RuntimeError):
+        predictor.load_state_dict(bad)
+    assert_same(predictor.state_dict(), before)
+    assert torch.equal(predictor(X_TEST), out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_copied_estimator_keeps_its_fit_and_its_staleness(kind):
+    la = fit(make_estimator(kind), make_batches())
+    twin = copy.deepcopy(la)
+    assert torch.equal(twin(X_TEST), la(X_TEST))
+    with torch.no_grad():
+        twin.model[0].weight.add_(1.0)
+    with pytest.raises(ModelChangedError):
+        twin(X_TEST)
+    la(X_TEST)  # the original's model is another module
+    with torch.no_grad():
+        la.model[0].weight.add_(1.0)
+    with pytest.raises(ModelChangedError):
+        copy.deepcopy(la)(X_TEST)
