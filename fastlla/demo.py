@@ -30,7 +30,7 @@ from . import metrics
 from .data import load_diabetes_split, load_digits_ood, load_digits_split, make_gap_regression
 from .exact import ExactLLA
 from .measure import measure
-from .models import MLP, DigitsCNN, train_map
+from .models import MLP, DigitsCNN, keeps_global_rng, train_map
 from .predictive import gaussian_logit_entropy, predictive_entropy, probit
 from .scalla import ScaLLA
 
@@ -175,6 +175,7 @@ def _fit_scalla(name: str, model, cfg: DemoConfig, train, context, delta: float,
     return la, fit
 
 
+@keeps_global_rng
 def classification_demo(cfg: DemoConfig, log=print) -> tuple[list[Row], list[Row], dict[str, Any]]:
     """The digits OOD comparison: rows at exact LLA's validation ``δ``, rows at each method's own
     ``δ`` choices, and extra facts for the report."""
@@ -242,6 +243,7 @@ def classification_demo(cfg: DemoConfig, log=print) -> tuple[list[Row], list[Row
 DECADES = [10.0**k for k in range(-4, 5)]
 
 
+@keeps_global_rng
 def digits_quality(cfg: DemoConfig, log=print) -> list[Row]:
     """All ten digit classes: MAP, then ExactLLA, ScaLLA and ScaLLA+context, each at its own
     ``δ`` by marginal likelihood and by validation NLL (over :data:`DECADES`)."""
@@ -281,6 +283,7 @@ def _regression_scores(mean, var, sigma: float, y) -> dict[str, float]:
             "crps": metrics.crps_gaussian(mean, y_var, y), "rmse": metrics.rmse(mean, y)}  # fmt: skip
 
 
+@keeps_global_rng
 def diabetes_quality(cfg: DemoConfig, log=print) -> list[Row]:
     """Diabetes (standardised targets): MAP with exact LLA's marglik ``σ``, then ExactLLA at its
     own ``(δ, σ)`` by marginal likelihood and ``δ`` by validation NLL, and ScaLLA at its own ``δ``
@@ -327,6 +330,7 @@ REGRESSION_COLUMNS = [
 ]
 
 
+@keeps_global_rng
 def regression_demo(cfg: DemoConfig, log=print) -> tuple[list[Row], str]:
     """1-D gap regression: MAP, ExactLLA and ScaLLA bands side by side in a PNG."""
     import matplotlib

@@ -15,7 +15,7 @@ Jacobians are computed with ``torch.func`` over chunks of ``chunk_size`` inputs,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import _ops
 from .functional import NetworkFunction, batch_size, call_module, slice_batch
-from .laplace import LaplaceBase
+from .laplace import LaplaceBase, _state_int, _state_tensor
 from .posterior import FeaturePosterior, psd_safe_cholesky
 from .predictive import Likelihood
 
@@ -206,40 +206,57 @@ class ExactLLA(LaplaceBase):
 
     # ------------------------------------------------------------------ fitting
     def fit(self, train_loader: Iterable, progress_bar: bool = False) -> ExactLLA:
-        """Accumulate the exact GGN (or NTK Gram) over ``train_loader``."""
+        """Accumulate the exact GGN (or NTK Gram) over ``train_loader``.
+
+        Everything is computed before anything is stored: a fit that fails (an empty loader,
+        NaN outputs in a later batch, ...) leaves the estimator, an earlier fit included, as it
+        was.
+        """
         if self._pending_last_layer:
             self._locate_last_layer(next(iter(self._batches(train_loader)))[0])
-        self._reset()
         form = self._resolve_form(train_loader)
         P = self.n_params
         G = torch.zeros(P, P, dtype=self.dtype, device=self.device) if form == "weight" else None
-        rows = []
+        classification = self.likelihood is Likelihood.CLASSIFICATION
+        rows, n_outputs, n_data, stat = [], None, 0, 0.0
         for x, y in tqdm(self._batches(train_loader), disable=not progress_bar, desc="ExactLLA"):
             f = self.network.output(x)
-            if self.n_data == 0:  # the first batch
+            self._check_outputs(f, y, n_outputs)
+            if n_data == 0:  # the first batch
                 self._check_network(x, f)
-            self._accumulate_loglik(f, y)
+            n_outputs = f.shape[-1]
+            stat += self._loglik_term(f, y)
+            n_data += f.shape[0]
             J = self._jacobians(x)
-            classification = self.likelihood is Likelihood.CLASSIFICATION
             if form == "weight":
                 _ops.ggn_accumulate(G, J.mT.contiguous(), f if classification else None)
             else:
                 Jhat = softmax_hessian_factor(f).mT @ J if classification else J
                 rows.append(Jhat.reshape(-1, P))
-        if form == "weight":
-            self.posterior = FeaturePosterior(G)
-            self._jhat = None
-        else:
-            self.posterior = None
-            self._jhat = torch.cat(rows)
-            K = self._jhat @ self._jhat.mT
-            self._kernel = 0.5 * (K + K.mT)
-            self._kernel_eigvals = None
-            self._kernel_chol = None
-        self._diag_chol = None
-        self.fitted_form = form
-        self._fitted = True
+        posterior = FeaturePosterior(G) if form == "weight" else None
+        jhat = None if form == "weight" else torch.cat(rows)
+        self._commit(
+            form, posterior, jhat, n_outputs=n_outputs, n_data=n_data, _loglik_stat=stat,
+            _param_norm2=float(self._theta().double().square().sum()),
+        )  # fmt: skip
         return self
+
+    def _commit(
+        self, form: str, posterior: FeaturePosterior | None, jhat: Tensor | None, **base: Any
+    ) -> None:
+        """Store a complete fit (or loaded state); nothing here can fail part-way."""
+        kernel = None
+        if jhat is not None:
+            K = jhat @ jhat.mT
+            kernel = 0.5 * (K + K.mT)
+        self.__dict__.update(base)
+        self.fitted_form, self.posterior, self._jhat = form, posterior, jhat
+        self._diag_chol = None
+        if kernel is not None:
+            self._kernel = kernel
+        self._kernel_eigvals = None
+        self._kernel_chol = None
+        self._mark_fitted()
 
     # ------------------------------------------------------------------ hooks
     def _eigvals(self) -> Tensor:
@@ -336,6 +353,14 @@ class ExactLLA(LaplaceBase):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a fitted estimator; the model must be the one it was fitted on.
+
+        Every entry is checked (keys, types, counts, finiteness, and ``H`` (P, P) or ``jhat``
+        (N·C, P) against the model and the counts) before anything changes: a refused state
+        leaves the estimator as it was.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"fastlla: state_dict must be a dict, got {type(state).__name__}")
         subset = state.get("subset_of_weights", "all")
         if subset != self.subset_of_weights:
             raise ValueError(
@@ -348,24 +373,34 @@ class ExactLLA(LaplaceBase):
                 self.network = _linear_network(self.model, state["last_layer_name"])
                 self.last_layer_name, self._pending_last_layer = state["last_layer_name"], False
                 self._param_norm2 = float(self._theta().double().square().sum())
-            self._load_base_state(state)
+            base = self._validated_base_state(
+                state, ("form", "chunk_size"), ("H", "jhat", "subset_of_weights", "last_layer_name")
+            )
+            form = state["form"]
+            if form not in ("weight", "function"):
+                raise ValueError(f"fastlla: state_dict['form'] must be 'weight' or 'function', got {form!r}")
+            chunk_size = _state_int(state, "chunk_size", minimum=1)
+            key = "H" if form == "weight" else "jhat"
+            other = "jhat" if form == "weight" else "H"
+            if key not in state or other in state:
+                raise ValueError(
+                    f"fastlla: a {form}-space state_dict holds {key!r} (and not {other!r})"
+                )
+            P = self.n_params
+            shape = (P, P) if form == "weight" else (base["n_data"] * base["n_outputs"], P)
+            value = _state_tensor(state, key, shape).to(self.device, self.dtype)
+            posterior = jhat = None
+            if form == "weight":
+                if not torch.allclose(value, value.mT, rtol=1e-4, atol=1e-6 * float(value.abs().max())):
+                    raise ValueError("fastlla: state_dict['H'] is not symmetric")
+                posterior = FeaturePosterior(value)
+            else:
+                jhat = value
         except Exception:  # a refused state leaves the estimator as it was
             self.network, self.last_layer_name, self._pending_last_layer, self._param_norm2 = saved
             raise
-        self.fitted_form = state["form"]
-        self.chunk_size = state["chunk_size"]
-        if self.fitted_form == "weight":
-            self.posterior = FeaturePosterior(state["H"].to(self.device, self.dtype))
-            self._jhat = None
-        else:
-            self.posterior = None
-            self._jhat = state["jhat"].to(self.device, self.dtype)
-            K = self._jhat @ self._jhat.mT
-            self._kernel = 0.5 * (K + K.mT)
-            self._kernel_eigvals = None
-            self._kernel_chol = None
-        self._diag_chol = None
-        self._fitted = True
+        self.chunk_size = chunk_size
+        self._commit(form, posterior, jhat, **base)
 
 
 # --------------------------------------------------------------------------- subsets of weights

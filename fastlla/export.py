@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .posterior import kron_covariance
 from .predictive import Likelihood, laplace_bridge, probit
-from .surrogate import GatedSurrogate, LastLayerSurrogate, ResidualHead
+from .surrogate import GatedSurrogate, LastLayerSurrogate
 
 __all__ = ["Predictor"]
 
@@ -59,6 +59,11 @@ class Predictor(nn.Module):
         classification only), or ``"auto"``: probit for classification, gaussian for regression.
     include_noise : add ``σ² I`` to the covariance (regression).
     ops : ``"torch"`` (pure torch ops) or ``"fastlla"`` (the fused custom op).
+    residual_head : optional :class:`~fastlla.surrogate.ResidualHead` (the residual prior
+        variance).
+
+    The predictor holds copies of ``model``, ``surrogate`` and ``residual_head`` (in eval mode,
+    parameters frozen); the modules passed in are left as they were.
 
     Buffers: ``scale_tril`` (``L``, ``M×M``; with the exact last-layer block the factor
     ``L_ll`` of the learned block, beside ``kron_T_e`` and ``kron_T_l``, see
@@ -76,8 +81,15 @@ class Predictor(nn.Module):
         include_noise: bool = False,
         ops: str = "torch",
         residual_head: nn.Module | None = None,
+        *,
+        _copy: bool = True,
     ):
         super().__init__()
+        if _copy:  # one memo: a surrogate that refers to the network refers to the copy
+            memo: dict[int, Any] = {}
+            model = copy.deepcopy(model, memo)
+            surrogate = copy.deepcopy(surrogate, memo)
+            residual_head = copy.deepcopy(residual_head, memo)
         self.likelihood = Likelihood.parse(likelihood)
         classification = self.likelihood is Likelihood.CLASSIFICATION
         if output == "auto":
@@ -137,24 +149,16 @@ class Predictor(nn.Module):
                 f"fastlla: residual_variance={mode!r} estimates κ(x, x) from JVPs at prediction "
                 "and cannot be exported; use 'head' (a fit trains it) or False"
             )
-        model = copy.deepcopy(estimator.model)
-        # the memo makes a surrogate that refers to the network (the exact last-layer block)
-        # refer to the copy instead of copying the network twice
-        surrogate = copy.deepcopy(estimator.surrogate, memo={id(estimator.model): model})
-        predictor = cls(
-            model,
-            surrogate,
+        predictor = cls(  # copies the modules (one memo: the surrogate refers to the copy)
+            estimator.model,
+            estimator.surrogate,
             estimator.n_features,
             estimator.n_outputs,
             estimator.likelihood,
             output=output,
             include_noise=include_noise,
             ops=ops,
-            residual_head=(
-                copy.deepcopy(estimator.residual_head, memo={id(estimator.model): model})
-                if mode == "head"
-                else None
-            ),
+            residual_head=estimator.residual_head if mode == "head" else None,
         )
         delta, scale = float(estimator.prior_precision), estimator.data_scale
         with torch.no_grad():
@@ -184,7 +188,10 @@ class Predictor(nn.Module):
     ) -> Predictor:
         """An empty predictor to ``load_state_dict`` into.
 
-        ``model`` is a fresh network of the fitted one's architecture. Without ``surrogate``, the
+        ``model`` is a fresh network of the fitted one's architecture; the predictor holds a copy
+        of it (and of ``surrogate``), so the modules passed in keep their training mode and
+        ``requires_grad`` flags. The default surrogate's and residual head's initial weights come
+        from a generator seeded by ``seed`` (default 0); the global RNG is untouched. Without ``surrogate``, the
         surrogate is built as :class:`fastlla.ScaLLA` builds its default, from the same
         ``scalla_options`` (``n_features``, ``last_layer``, ``seed``) the estimator was given;
         with one, ``n_features`` is its ``M``. ``residual_head``: whether the fitted estimator
@@ -195,6 +202,9 @@ class Predictor(nn.Module):
 
         if n_features is not None and surrogate is None:
             scalla_options["n_features"] = n_features
+        memo: dict[int, Any] = {}  # work on copies: the caller's modules stay as they were
+        model = copy.deepcopy(model, memo)
+        surrogate = copy.deepcopy(surrogate, memo)
         estimator = ScaLLA(model, likelihood, **scalla_options)
         if surrogate is None:
             surrogate = estimator._ensure_surrogate(n_outputs)
@@ -206,11 +216,24 @@ class Predictor(nn.Module):
             residual_head = getattr(estimator, "residual_variance", False) in ("auto", "head")
         if residual_head:
             try:
-                head = ResidualHead(model, n_outputs)
+                head = estimator._residual_head(n_outputs)
             except ValueError:
                 head = None
         options = dict(predictor_options or {}, residual_head=head)
-        return cls(model, surrogate, n_features, n_outputs, likelihood, **options)
+        return cls(model, surrogate, n_features, n_outputs, likelihood, **options, _copy=False)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, all or nothing: a refused state (a missing key, a
+        shape or setting that does not match) leaves the predictor as it was."""
+        saved = {
+            k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+            for k, v in self.state_dict().items()
+        }
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except BaseException:
+            super().load_state_dict(saved)
+            raise
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .augment import mixup
 from .functional import NetworkFunction, batch_size, slice_batch
+from .models import keeps_global_rng
 
 __all__ = [
     "ProbeGram",
@@ -230,6 +231,7 @@ class _CachedSplit:
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
+@keeps_global_rng
 def setup(n_probe: int = 200, seed: int = 0, device: str = "cpu", model_path: str | None = None):
     """Digits, the MAP CNN and the probe Gram.
 

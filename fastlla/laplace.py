@@ -12,7 +12,9 @@ Subclasses implement :meth:`_fit_posterior`, :meth:`_eigvals`, :meth:`_features`
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -22,9 +24,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .functional import NetworkFunction, batch_size, check_finite, to_device
-from .predictive import Likelihood, class_probabilities
+from .predictive import Likelihood, class_probabilities, log_class_probabilities
 
-__all__ = ["LaplaceBase", "NotFittedError"]
+__all__ = ["LaplaceBase", "NotFittedError", "ModelChangedError"]
 
 #: ``optimize_prior_precision(prior_structure=...)`` values (laplace-torch's ``PriorStructure``).
 PRIOR_STRUCTURES = ("scalar", "layerwise", "diag")
@@ -32,6 +34,14 @@ PRIOR_STRUCTURES = ("scalar", "layerwise", "diag")
 
 class NotFittedError(RuntimeError):
     """A predictive or posterior quantity was requested before ``fit``."""
+
+
+class ModelChangedError(RuntimeError):
+    """The model's weights, buffers or train/eval modes changed since ``fit``: the posterior
+    belongs to the old network. Restore the model (e.g. ``model.eval()``) or fit again."""
+
+
+_UNSET = object()
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -85,6 +95,12 @@ class LaplaceBase:
     ----------
     model : pre-trained network returning ``(B, C)`` outputs (logits for classification).
         Only parameters with ``requires_grad=True`` enter the posterior. It is put in eval mode.
+        A fit belongs to the model as it was at ``fit`` (or ``load_state_dict``): if its
+        parameters or buffers are changed in place or replaced, or a module's train/eval mode
+        is switched, every later use of the fit (prediction, ``update``, hyper-parameter
+        optimisation, ``state_dict``) raises :class:`ModelChangedError` naming what changed.
+        The check reads version counters, so it costs no pass over the weights; a write through
+        ``tensor.data`` bypasses the counters and is not seen.
     likelihood : ``"classification"`` or ``"regression"``.
     sigma_noise : observation noise ``σ > 0`` (regression; must be 1 for classification).
     prior_precision : ``δ > 0`` of the prior ``θ ~ N(0, diag(δ)⁻¹)``: a number, or (ExactLLA
@@ -102,6 +118,9 @@ class LaplaceBase:
 
     ``prior_precision`` and ``sigma_noise`` read back as float64 tensors (shape ``(1,)`` or
     ``(n,)``, and ``()``), as laplace-torch returns tensors; assigning them checks the value.
+
+    A call that fails (``fit``, ``update``, ``load_state_dict``, ...) leaves the estimator as it
+    was, an earlier fit included. No call draws from or re-seeds the global torch RNG.
     """
 
     #: why laplace-torch's curvature ``backend`` does not apply (the warning names it)
@@ -161,6 +180,7 @@ class LaplaceBase:
         self._loglik_stat = 0.0
         self._param_norm2 = float(self._theta().double().square().sum())
         self._fitted = False
+        self._fingerprint: tuple | None = None
 
     def _make_network(self, model: nn.Module) -> NetworkFunction:
         """The network as a function of the parameters the posterior is over."""
@@ -276,8 +296,11 @@ class LaplaceBase:
         return f, self._features(x)
 
     # ------------------------------------------------------------------ data
-    def _batches(self, loader: Iterable, name: str = "train_loader") -> Iterator[tuple]:
-        """Yield ``(x, y)`` batches on the model's device, checked; errors on an empty loader."""
+    def _batches(
+        self, loader: Iterable, name: str = "train_loader", allow_empty: bool = False
+    ) -> Iterator[tuple]:
+        """Yield ``(x, y)`` batches on the model's device, checked; batches of no inputs are
+        skipped, and a loader without inputs is an error (unless ``allow_empty``)."""
         n = 0
         for batch in loader:
             if isinstance(batch, Mapping):  # laplace-torch's dict batches (HuggingFace style)
@@ -298,18 +321,22 @@ class LaplaceBase:
                 raise ValueError(
                     f"fastlla: {name} yields {batch_size(x)} inputs but {y.shape[0]} targets"
                 )
+            if batch_size(x) == 0:
+                continue
             n += 1
             yield x, y
-        if n == 0:
+        if n == 0 and not allow_empty:
             raise ValueError(f"fastlla: {name} is empty")
 
-    def _check_outputs(self, f: Tensor, y: Tensor | None = None) -> None:
+    def _check_outputs(self, f: Tensor, y: Tensor | None = None, n_outputs: Any = _UNSET) -> None:
+        """Check outputs (and targets) of a batch; ``n_outputs`` (default ``self.n_outputs``):
+        the expected number of outputs, ``None`` for any."""
+        if n_outputs is _UNSET:
+            n_outputs = self.n_outputs
         if not torch.isfinite(f).all():
             raise ValueError("fastlla: the model's outputs contain NaN or Inf")
-        if self.n_outputs is not None and f.shape[-1] != self.n_outputs:
-            raise ValueError(
-                f"fastlla: the model returns {f.shape[-1]} outputs, expected {self.n_outputs}"
-            )
+        if n_outputs is not None and f.shape[-1] != n_outputs:
+            raise ValueError(f"fastlla: the model returns {f.shape[-1]} outputs, expected {n_outputs}")
         if y is None:
             return
         if self.likelihood is Likelihood.CLASSIFICATION:
@@ -397,10 +424,92 @@ class LaplaceBase:
         self._loglik_stat = 0.0
         self._param_norm2 = float(self._theta().double().square().sum())
         self._fitted = False
+        self._fingerprint = None
 
     def _check_fitted(self) -> None:
         if not self._fitted:
             raise NotFittedError(f"fastlla: call {type(self).__name__}.fit(train_loader) first")
+        self._check_model_unchanged()
+
+    def _mark_fitted(self) -> None:
+        """The fit is complete: record what identifies the model it belongs to."""
+        self._fitted = True
+        modules = tuple(self.model.modules())
+        self._fingerprint = (modules, [_module_state(m) for m in modules], _snapshot(modules))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # version counters and identities do not survive a copy or pickle: the copy re-records
+        # them for its own model (unless the fit was already stale)
+        state = dict(self.__dict__)
+        if state.get("_fingerprint") is not None:
+            stale = not _unchanged(self._fingerprint[0], self._fingerprint[2])
+            state["_fingerprint"] = "stale" if stale else "copied"
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.__dict__.get("_fingerprint") == "copied":
+            self._mark_fitted()
+
+    def _check_model_unchanged(self) -> None:
+        """Refuse a fit whose model changed since (see the class docstring): one pass over the
+        recorded modules' modes, children and tensors' version counters, none over weights."""
+        if self._fingerprint is None:
+            return
+        if self._fingerprint == "stale":
+            raise ModelChangedError(
+                f"fastlla: this {type(self).__name__} was copied from one whose model had changed "
+                "since fit; fit again"
+            )
+        modules, states, snapshot = self._fingerprint
+        if _unchanged(modules, snapshot):
+            return
+        names = {id(m): n or "<model>" for n, m in self.model.named_modules()}
+        changed = [
+            (names.get(id(m), "a module no longer in the model"), old, _module_state(m))
+            for m, old in zip(modules, states)
+            if _module_state(m) != old
+        ]
+        if all(old[1:] == new[1:] for _, old, new in changed):
+            raise ModelChangedError(
+                f"fastlla: module(s) {[n for n, _, _ in changed][:5]} of the model switched "
+                f"train/eval mode since {type(self).__name__}.fit; put the model back as it was "
+                "(model.eval()) or fit again"
+            )
+        what = []
+        for name, old, new in changed:
+            if name == "a module no longer in the model":
+                continue  # its parent reports the replacement
+            prefix = "" if name == "<model>" else name + "."
+            if old[1] != new[1] or len(old[2]) != len(new[2]):
+                what.append(f"the submodules or tensors of {name}")
+            what += [prefix + a[0] for a, b in zip(old[2], new[2]) if a != b]
+        raise ModelChangedError(
+            f"fastlla: the model changed since {type(self).__name__}.fit ({', '.join(what[:5])}); "
+            "the posterior belongs to the old weights: fit again (or load_state_dict the fit "
+            "of these weights)"
+        )
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self, *modules: nn.Module | None) -> Iterator[None]:
+        """If the body raises (a KeyboardInterrupt too), restore every attribute of the
+        estimator and the parameters and buffers of ``modules`` (changed in place: a surrogate
+        being trained or loaded) as they were."""
+        saved = dict(self.__dict__)
+        states = [
+            (m, {k: v.detach().clone() for k, v in m.state_dict().items()})
+            for m in modules
+            if m is not None
+        ]
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            with torch.no_grad():
+                for m, state in states:
+                    m.load_state_dict(state)
+            raise
 
     @property
     def data_scale(self) -> float:
@@ -726,19 +835,29 @@ class LaplaceBase:
 
     def _nll_sum(self, f: Tensor, cov: Tensor, y: Tensor, link: str) -> Tensor:
         if self.likelihood is Likelihood.CLASSIFICATION:
-            probs = class_probabilities(f, cov, link)
-            return -torch.log(probs.gather(1, y.view(-1, 1).long()).clamp_min(1e-300)).sum()
-        var = torch.diagonal(cov, dim1=-2, dim2=-1) + self.sigma_noise**2
-        resid = y.reshape(f.shape) - f
+            # log space: a confidently wrong point costs its (large, finite) −log p, never inf
+            logp = log_class_probabilities(f, cov, link)
+            return -logp.gather(1, y.view(-1, 1).long()).double().sum()
+        var = torch.diagonal(cov, dim1=-2, dim2=-1).double() + self.sigma_noise**2
+        resid = y.reshape(f.shape).double() - f.double()
         return 0.5 * (torch.log(2 * math.pi * var) + resid.square() / var).sum()
 
     # ------------------------------------------------------------------ prediction
     def predictive_distribution(self, x: Any) -> tuple[Tensor, Tensor]:
-        """Gaussian over the outputs: mean ``f(x)`` (B, C) and covariance ``Σ(x)`` (B, C, C)."""
+        """Gaussian over the outputs: mean ``f(x)`` (B, C) and covariance ``Σ(x)`` (B, C, C).
+
+        A batch of no inputs gives empty results (the network is not run). Raises
+        :class:`NotFittedError` before ``fit`` and :class:`ModelChangedError` if the model
+        changed since.
+        """
         self._check_fitted()
         x = to_device(x, self.device, self.dtype)
         check_finite("the inputs", x)
         self._check_batched(x)
+        if batch_size(x) == 0:  # the network is not run on a batch of no inputs
+            C = self.n_outputs
+            kw = {"dtype": self.dtype, "device": self.device}
+            return torch.empty(0, C, **kw), torch.empty(0, C, C, **kw)
         f, feats = self._outputs_and_features(x)
         self._check_outputs(f)
         cov = self._covariance_from_features(feats, self._delta(), self.data_scale)
@@ -791,10 +910,32 @@ class LaplaceBase:
             "model_signature": self._model_signature(),
         }
 
-    def _load_base_state(self, state: dict[str, Any]) -> None:
-        if state.get("estimator") != type(self).__name__:
+    _BASE_KEYS = (
+        "estimator", "likelihood", "prior_precision", "sigma_noise", "n_outputs", "n_data",
+        "loglik_stat", "model_signature",
+    )  # fmt: skip
+
+    def _validated_base_state(
+        self, state: Any, required: Iterable[str], optional: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """The base quantities of ``state``, checked against this estimator and its model;
+        changes nothing. ``required``/``optional``: the subclass's own keys (any other key is
+        an error, as is a missing one)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"fastlla: state_dict must be a dict, got {type(state).__name__}")
+        required = set(self._BASE_KEYS) | set(required)
+        missing = sorted(required - set(state))
+        unknown = sorted(set(state) - required - set(optional) - {"temperature"})
+        if missing or unknown:
             raise ValueError(
-                f"fastlla: state_dict is from {state.get('estimator')!r}, not {type(self).__name__}"
+                f"fastlla: state_dict for {type(self).__name__} "
+                + (f"lacks the key(s) {missing}" if missing else "")
+                + (" and " if missing and unknown else "")
+                + (f"has unknown key(s) {unknown}" if unknown else "")
+            )
+        if state["estimator"] != type(self).__name__:
+            raise ValueError(
+                f"fastlla: state_dict is from {state['estimator']!r}, not {type(self).__name__}"
             )
         if state["likelihood"] != self.likelihood.value:
             raise ValueError(
@@ -802,16 +943,148 @@ class LaplaceBase:
                 f"this estimator is {self.likelihood.value!r}"
             )
         theirs, ours = state["model_signature"], self._model_signature()
+        if not isinstance(theirs, Mapping) or set(theirs) != set(ours):
+            raise ValueError(
+                f"fastlla: state_dict['model_signature'] must be a dict with keys {sorted(ours)}"
+            )
         if theirs["names"] != ours["names"] or theirs["shapes"] != ours["shapes"]:
             raise ValueError("fastlla: state_dict was fitted on a model with other parameters")
-        if not math.isclose(theirs["param_norm2"], ours["param_norm2"], rel_tol=1e-6):
+        norm2 = _state_float(theirs, "param_norm2", "state_dict['model_signature']")
+        if not math.isclose(norm2, ours["param_norm2"], rel_tol=1e-6):
             raise ValueError("fastlla: state_dict was fitted on a model with other weights")
-        self.prior_precision = state["prior_precision"]
-        self.sigma_noise = state["sigma_noise"]
-        self.temperature = state.get("temperature", 1.0)
-        self.n_outputs = state["n_outputs"]
-        self.n_data = state["n_data"]
-        self._loglik_stat = state["loglik_stat"]
+        values = {
+            "_prior_precision": self._parse_prior(state["prior_precision"]).detach().clone(),
+            "_sigma_noise": self._parse_sigma(state["sigma_noise"]).detach().clone(),
+            "_temperature": _positive_float(
+                "state_dict['temperature']", state.get("temperature", 1.0)
+            ),
+            "n_outputs": _state_int(state, "n_outputs", minimum=1),
+            "n_data": _state_int(state, "n_data", minimum=1),
+            "_loglik_stat": _state_float(state, "loglik_stat"),
+        }
+        if self.likelihood is Likelihood.CLASSIFICATION:
+            if values["_loglik_stat"] > 0:  # a sum of log-probabilities
+                raise ValueError(
+                    f"fastlla: state_dict['loglik_stat'] = {values['_loglik_stat']} is positive; "
+                    "it is a sum of log-probabilities"
+                )
+        elif values["_loglik_stat"] < 0:  # a sum of squared residuals
+            raise ValueError(
+                f"fastlla: state_dict['loglik_stat'] = {values['_loglik_stat']} is negative; it "
+                "is a sum of squared residuals"
+            )
+        values["_param_norm2"] = ours["param_norm2"]
+        return values
+
+
+def _snapshot(modules: tuple[nn.Module, ...]) -> tuple:
+    """What :func:`_unchanged` compares: modes, children, and each parameter's and buffer's
+    table, name, identity, version counter and storage, flat."""
+    tensors = [
+        (table, name, t, t._version, t.data_ptr())
+        for m in modules
+        for table in (m._parameters, m._buffers)
+        for name, t in table.items()
+        if t is not None
+    ]
+    return (
+        [m.training for m in modules],
+        [dict(m._modules) for m in modules],
+        [len(m._parameters) + len(m._buffers) for m in modules],
+        tensors,
+    )
+
+
+def _unchanged(modules: tuple[nn.Module, ...], snapshot: tuple) -> bool:
+    """Whether ``modules`` are as :func:`_snapshot` recorded them (the per-call fast path)."""
+    modes, children, sizes, tensors = snapshot
+    return (
+        [m.training for m in modules] == modes
+        and all(
+            table.get(name) is t and t._version == version and t.data_ptr() == ptr
+            for table, name, t, version, ptr in tensors
+        )
+        and [m._modules for m in modules] == children
+        and [len(m._parameters) + len(m._buffers) for m in modules] == sizes
+    )
+
+
+def _module_state(m: nn.Module) -> tuple:
+    """A module's mode, children, and own parameters and buffers (name, identity, storage,
+    version counter): any in-place change, replacement or train/eval switch alters it."""
+    tensors = [
+        (name, id(t), t.data_ptr(), t._version)
+        for table in (m._parameters, m._buffers)
+        for name, t in table.items()
+        if t is not None
+    ]
+    return m.training, [id(c) for c in m._modules.values()], tensors
+
+
+def _state_int(state: Mapping, key: str, minimum: int | None = None, where: str = "state_dict") -> int:
+    """``state[key]`` as an int (not a bool), at least ``minimum``; a clear error otherwise."""
+    value = state[key]
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"fastlla: {where}[{key!r}] must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"fastlla: {where}[{key!r}] must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _state_float(state: Mapping, key: str, where: str = "state_dict") -> float:
+    """``state[key]`` as a finite float; a clear error otherwise."""
+    value = state[key]
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"fastlla: {where}[{key!r}] must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"fastlla: {where}[{key!r}] must be finite, got {value}")
+    return value
+
+
+def _state_tensor(
+    state: Mapping, key: str, shape: tuple[int, ...], where: str = "state_dict"
+) -> Tensor:
+    """``state[key]``: a finite floating tensor of ``shape``; a clear error otherwise."""
+    value = state[key]
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        kind = f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+        raise TypeError(f"fastlla: {where}[{key!r}] must be a floating tensor, got a {kind}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"fastlla: {where}[{key!r}] has shape {tuple(value.shape)}, expected {tuple(shape)} "
+            "for this model"
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"fastlla: {where}[{key!r}] contains NaN or Inf")
+    return value
+
+
+def check_module_state(module: nn.Module, state: Any, where: str) -> None:
+    """``state`` loads into ``module`` (same keys and shapes, finite floating values), checked
+    without changing ``module``; errors name the key."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"fastlla: {where} must be a dict of tensors, got {type(state).__name__}")
+    ours = module.state_dict()
+    missing, unknown = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    if missing or unknown:
+        raise ValueError(
+            f"fastlla: {where} does not fit the module: missing keys {missing}, unknown keys "
+            f"{unknown}"
+        )
+    for key, ref in ours.items():
+        value = state[key]
+        if isinstance(ref, Tensor) and ref.is_floating_point():
+            _state_tensor(state, key, tuple(ref.shape), where)
+        elif isinstance(ref, Tensor) and (
+            not isinstance(value, Tensor) or value.shape != ref.shape
+        ):
+            raise ValueError(f"fastlla: {where}[{key!r}] must be a tensor of shape {tuple(ref.shape)}")
 
 
 def _tensor_dims(x: Any) -> dict[Any, int]:

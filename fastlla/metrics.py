@@ -101,20 +101,47 @@ def accuracy(probs: Tensor, y: Tensor) -> float:
     return float((p.argmax(1) == t).double().mean())
 
 
-def nll(probs: Tensor, y: Tensor) -> float:
+def nll(probs: Tensor, y: Tensor, log_probs: bool = False) -> float:
     """Mean negative log-likelihood ``-1/N Σ_n log p_n[y_n]``.
 
-    Probabilities are clamped at the smallest positive float64 (``-log`` of it is about 708), so
-    a zero probability on the label gives a large finite value, not ``inf``.
+    From probabilities, a zero probability on the label (e.g. one that underflowed in float32)
+    is clamped at the smallest positive float64, so it costs about 708, not ``inf``; pass
+    log-probabilities (``log_probs=True``, e.g. from
+    :func:`fastlla.predictive.log_class_probabilities`) for the exact value. Log-probabilities
+    may be ``−∞`` but not NaN or ``+∞``, and each row must log-sum-exp to 0.
 
     Parameters
     ----------
-    probs : Tensor, (N, C)
+    probs : Tensor, (N, C) probabilities, or log-probabilities with ``log_probs=True``
     y : Tensor, (N,)
+    log_probs : bool
     """
+    if log_probs:
+        logp, t = _check_log_probs(probs, y)
+        return float(-logp.gather(1, t[:, None]).mean())
     p, t = _check_classification(probs, y)
     p_y = p.gather(1, t[:, None]).squeeze(1).clamp_min(torch.finfo(torch.float64).tiny)
     return float(-p_y.log().mean())
+
+
+def _check_log_probs(log_probs, y) -> tuple[Tensor, Tensor]:
+    """Validated ``(log_probs (N, C) float64, y (N,) int64)``."""
+    lp = torch.as_tensor(log_probs).detach()
+    if lp.numel() == 0:
+        raise ValueError("fastlla: log_probs is empty")
+    if not lp.is_floating_point() or bool(torch.isnan(lp).any()) or bool((lp == math.inf).any()):
+        raise ValueError("fastlla: log-probabilities must be floats without NaN or +Inf")
+    lp = lp.double()
+    if lp.dim() != 2:
+        raise ValueError(f"fastlla: log_probs must be (N, C), got shape {tuple(lp.shape)}")
+    # the label checks of the probability path, on the probabilities these stand for
+    _, t = _check_classification(torch.ones_like(lp) / lp.shape[1], y)
+    if float(lp.max()) > _PROB_TOL or float(torch.logsumexp(lp, 1).abs().max()) > _PROB_TOL:
+        raise ValueError(
+            "fastlla: each row of log_probs must log-sum-exp to 0 (were logits or "
+            "probabilities passed?)"
+        )
+    return lp, t
 
 
 def ece(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:

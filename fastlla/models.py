@@ -15,13 +15,14 @@ from elsewhere need not follow this convention; they only lose that convenience.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "DigitsCNN", "train_map"]
+__all__ = ["keeps_global_rng", "MLP", "DigitsCNN", "train_map"]
 
 _LIKELIHOODS = ("classification", "regression")
 
@@ -142,6 +143,18 @@ def _mean_loss(
     if count == 0:
         raise ValueError("fastlla: val_loader is empty")
     return total / count
+
+
+def keeps_global_rng(fn):
+    """Run ``fn`` (an experiment that seeds and draws from the global torch RNG) on a fork of
+    that RNG, so the caller's RNG state is the same afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def train_map(

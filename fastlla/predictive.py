@@ -3,6 +3,9 @@
 Every estimator produces, per input, the network's own output ``f(x)`` as the mean and a
 ``C×C`` covariance ``Σ(x)``. Classification turns ``N(f, Σ)`` into class probabilities
 (probit, Laplace bridge or Monte Carlo); regression adds the observation noise ``σ²``.
+Each link has a log-space twin (``log_probit``, ``log_laplace_bridge``, ``log_monte_carlo``,
+:func:`log_class_probabilities`) that every NLL uses: finite for logits of any spread, where a
+probability underflows to 0 in float32.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ __all__ = [
     "laplace_bridge",
     "monte_carlo",
     "class_probabilities",
+    "log_probit",
+    "log_laplace_bridge",
+    "log_monte_carlo",
+    "log_class_probabilities",
     "predictive_entropy",
     "max_probability",
     "gaussian_logit_entropy",
@@ -67,26 +74,87 @@ class LinkApprox(_Option):
     """Monte-Carlo average of ``softmax`` over samples of ``N(μ, Σ)``."""
 
 
+def log_probit(mean: Tensor, cov: Tensor) -> Tensor:
+    """Log-probabilities of the probit approximation, (B, C): a log-softmax, finite for any
+    finite logits (no probability underflows to ``log 0``)."""
+    var = torch.diagonal(cov, dim1=-2, dim2=-1)
+    return torch.log_softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+
+
 def probit(mean: Tensor, cov: Tensor) -> Tensor:
     """Probit approximation; ``mean`` (B, C), ``cov`` (B, C, C) → probabilities (B, C)."""
     var = torch.diagonal(cov, dim1=-2, dim2=-1)
     return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
 
 
-def laplace_bridge(mean: Tensor, cov: Tensor) -> Tensor:
-    """Laplace bridge: the Dirichlet matching ``N(mean, diag cov)``, returned as its mean."""
+def _bridge_log_alpha(mean: Tensor, cov: Tensor) -> Tensor:
+    """``log α`` of the Laplace bridge's Dirichlet, (B, C), in log space throughout.
+
+    ``log α_c = log(1 − 2/C + e^{b_c}) − log Σ_cc`` with ``b_c = μ_c + log Σ_j e^{−μ_j} − 2 log C``
+    (a ``logaddexp``; ``b`` is invariant to a shift of ``μ``): no ``exp`` of a logit, so logits
+    of any spread stay finite.
+    """
     C = mean.shape[-1]
     var = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(torch.finfo(cov.dtype).tiny)
-    # exp(μ_c) Σ_j exp(−μ_j) computed in log space: it is invariant to a shift of μ.
-    log_term = mean + torch.logsumexp(-mean, dim=-1, keepdim=True) - 2 * math.log(C)
-    alpha = (1.0 - 2.0 / C + torch.exp(log_term)) / var
-    return alpha / alpha.sum(dim=-1, keepdim=True)
+    b = mean + torch.logsumexp(-mean, dim=-1, keepdim=True) - 2 * math.log(C)
+    if C <= 2:  # 1 − 2/C = 0 (C = 1: a single class, probability 1 whatever α is)
+        return b - torch.log(var)
+    return torch.logaddexp(b, torch.full_like(b, math.log(1.0 - 2.0 / C))) - torch.log(var)
+
+
+def log_laplace_bridge(mean: Tensor, cov: Tensor) -> Tensor:
+    """Log of :func:`laplace_bridge`, (B, C): ``log_softmax(log α)``."""
+    return torch.log_softmax(_bridge_log_alpha(mean, cov), dim=-1)
+
+
+def laplace_bridge(mean: Tensor, cov: Tensor) -> Tensor:
+    """Laplace bridge: the Dirichlet matching ``N(mean, diag cov)``, returned as its mean
+    ``α/Σα = softmax(log α)`` (finite for logits of any spread)."""
+    return torch.softmax(_bridge_log_alpha(mean, cov), dim=-1)
 
 
 def monte_carlo(mean: Tensor, cov: Tensor, n_samples: int = 100, seed: int = 0) -> Tensor:
     """Monte-Carlo predictive with the fused, seedable ``fastlla::mc_softmax`` op."""
     scale_tril = psd_safe_cholesky(cov)
     return _ops.mc_softmax(mean.contiguous(), scale_tril.contiguous(), n_samples, seed)
+
+
+def log_monte_carlo(mean: Tensor, cov: Tensor, n_samples: int = 100, seed: int = 0) -> Tensor:
+    """Log of :func:`monte_carlo` in log space: ``logsumexp_s log_softmax(μ + Lε_s) − log S``.
+
+    The same draws ``ε_s`` as the fused op (keyed by ``(seed, s, b, c)``), so
+    ``log_monte_carlo(...).exp()`` equals :func:`monte_carlo` up to rounding; a class whose
+    every sampled probability underflows still gets its finite log-probability. Memory
+    ``O(S·B·C)``.
+    """
+    from .reference import _normal
+
+    if int(n_samples) < 1:
+        raise ValueError(f"fastlla: n_samples must be at least 1, got {n_samples}")
+    B, C = mean.shape
+    scale_tril = psd_safe_cholesky(cov)
+    b = torch.arange(B, device=mean.device).unsqueeze(1).expand(B, C)
+    c = torch.arange(C, device=mean.device).unsqueeze(0).expand(B, C)
+    eps = torch.stack([_normal(int(seed), s, b, c) for s in range(int(n_samples))])  # (S, B, C)
+    f = mean + (scale_tril @ eps.to(mean.dtype).unsqueeze(-1)).squeeze(-1)
+    return torch.logsumexp(torch.log_softmax(f, dim=-1), dim=0) - math.log(int(n_samples))
+
+
+def log_class_probabilities(
+    mean: Tensor,
+    cov: Tensor,
+    link_approx: str | LinkApprox = LinkApprox.PROBIT,
+    n_samples: int = 100,
+    seed: int = 0,
+) -> Tensor:
+    """Log class probabilities (B, C) from the Gaussian over the logits, in log space (what
+    every NLL uses: finite where a probability underflows)."""
+    link = LinkApprox.parse(link_approx)
+    if link is LinkApprox.PROBIT:
+        return log_probit(mean, cov)
+    if link is LinkApprox.BRIDGE:
+        return log_laplace_bridge(mean, cov)
+    return log_monte_carlo(mean, cov, n_samples=n_samples, seed=seed)
 
 
 def class_probabilities(
@@ -107,9 +175,16 @@ def class_probabilities(
 
 # --------------------------------------------------------------------------- OOD scores
 # Each score is larger for inputs that look more out-of-distribution.
-def predictive_entropy(probs: Tensor) -> Tensor:
-    """``−Σ_c p_c log p_c`` per input, (B,)."""
-    return -(probs * torch.log(probs.clamp_min(1e-300))).sum(dim=-1)
+def predictive_entropy(probs: Tensor, log_probs: bool = False) -> Tensor:
+    """``−Σ_c p_c log p_c`` per input, (B,); a zero probability contributes 0.
+
+    ``log_probs=True``: ``probs`` holds log-probabilities (e.g. from
+    :func:`log_class_probabilities`), whose ``−∞`` entries contribute 0.
+    """
+    if log_probs:
+        p = probs.exp()
+        return -torch.where(p > 0, p * probs, torch.zeros_like(p)).sum(dim=-1)
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)
 
 
 def max_probability(probs: Tensor) -> Tensor:

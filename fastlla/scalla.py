@@ -16,6 +16,7 @@ Prediction costs one network forward, one surrogate forward and ``O(M²C)`` per 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 import time
@@ -36,7 +37,7 @@ from .functional import (
     slice_batch,
     to_device,
 )
-from .laplace import LaplaceBase
+from .laplace import LaplaceBase, _state_int, _state_tensor, check_module_state
 from .posterior import FeaturePosterior, compress_factor
 from .predictive import Likelihood
 from .projections import ProjectionSampler, stack_rows
@@ -287,9 +288,9 @@ class ScaLLA(LaplaceBase):
 
     def _ensure_surrogate(self, n_outputs: int, context: bool = False, x0: Any = None) -> nn.Module:
         """Build the default surrogate unless there is one; ``x0`` (a batch) confirms the gated
-        structure on data (``gate="auto"`` falls back to the plain surrogate where it fails)."""
+        structure on data (``gate="auto"`` falls back to the plain surrogate where it fails).
+        New weights come from a generator seeded with ``seed`` (the global RNG is not used)."""
         if self.surrogate is None:
-            torch.manual_seed(self.seed)
             last_layer = self._resolve_last_layer(n_outputs, context)
             if last_layer is not False and x0 is not None:
                 last_layer = self._check_head_is_output(last_layer, x0)
@@ -298,7 +299,7 @@ class ScaLLA(LaplaceBase):
             if gated:
                 surrogate = last_layer_surrogate(
                     self.model, self.n_learned, n_outputs, self.network.n_params, None,
-                    self._resolve_head_width(), gated=True,
+                    self._resolve_head_width(), gated=True, generator=self._generator(),
                 )  # fmt: skip
                 if x0 is None or surrogate.learned.check(x0):
                     self.surrogate = surrogate
@@ -309,19 +310,27 @@ class ScaLLA(LaplaceBase):
                         f"{surrogate.learned.structure} into each other in order"
                     )
                 self.gate_used = False
-                torch.manual_seed(self.seed)
             if last_layer is False:
                 self.surrogate = default_surrogate(
                     self.model, self.n_learned, n_outputs, self.network.n_params,
-                    self._resolve_head_width(),
-                )
+                    self._resolve_head_width(), generator=self._generator(),
+                )  # fmt: skip
             else:
                 rank = None if last_layer is True else int(last_layer)
                 self.surrogate = last_layer_surrogate(
                     self.model, self.n_learned, n_outputs, self.network.n_params, rank,
-                    self._resolve_head_width(),
-                )
+                    self._resolve_head_width(), generator=self._generator(),
+                )  # fmt: skip
         return self.surrogate
+
+    def _generator(self, offset: int = 0) -> torch.Generator:
+        """A private CPU generator seeded with ``seed + offset`` (new weights are drawn on the
+        CPU, then moved): the user's global RNG is neither read nor advanced."""
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    def _residual_head(self, n_outputs: int) -> ResidualHead:
+        """A new :class:`ResidualHead`, initialised from ``seed + 1``."""
+        return ResidualHead(self.model, n_outputs, generator=self._generator(1))
 
     def _surrogate_features(self, x: Any) -> Tensor:
         phi = surrogate_features(self.surrogate, x)
@@ -377,12 +386,38 @@ class ScaLLA(LaplaceBase):
             the gap 0.38 → 0.85, exact LLA 1.29; diabetes unchanged) — and nothing for
             classification (mixed images worsened the digits kernel error).
         time_budget : seconds of kernel matching for ``iterations="auto"``.
+
+        ``train_loader`` (and ``context_loader``) are read several times, so they must be
+        re-iterable (a ``DataLoader``, a list of batches), not one-shot iterators. A fit that
+        fails part-way (an empty loader, NaN in a later batch, an interrupt, ...) leaves the
+        estimator as it was, an earlier fit and its surrogate's weights included. The surrogate's
+        new weights and tangents come from private generators seeded by ``seed``: the global
+        torch RNG is untouched (a ``DataLoader`` without ``generator=`` draws its own seed from
+        it, as it does whenever it is iterated).
         """
+        auto = isinstance(iterations, str)
+        with self._all_or_nothing(self.surrogate):  # trained in place: restored on failure
+            self._fit(
+                train_loader, context_loader, iterations, auto, n_projections, lr, distribution,
+                progress_bar, callback, callback_every, schedule, ema, augment, time_budget,
+            )  # fmt: skip
+        return self
+
+    def _fit(
+        self, train_loader, context_loader, iterations, auto, n_projections, lr, distribution,
+        progress_bar, callback, callback_every, schedule, ema, augment, time_budget,
+    ) -> None:  # fmt: skip
         # Under torch.distributed a rank's failure here (bad arguments, a NaN in its first batch)
         # is held and raised on every rank by the collective check_fit_start.
         fault = distributed.Fault("fit")
         with fault:
-            auto = isinstance(iterations, str)
+            for name, loader in (("train_loader", train_loader), ("context_loader", context_loader)):
+                if isinstance(loader, Iterator):
+                    raise TypeError(
+                        f"fastlla: ScaLLA.fit reads {name} several times; pass a re-iterable "
+                        "loader (a DataLoader or a list of batches), not a one-shot iterator or "
+                        "generator"
+                    )
             if auto and iterations != "auto":
                 raise ValueError(
                     f"fastlla: iterations must be an int or 'auto', got {iterations!r}"
@@ -395,6 +430,10 @@ class ScaLLA(LaplaceBase):
                 raise ValueError(
                     f"fastlla: augment must be 'auto', 'mixup', None or a callable, got {augment!r}"
                 )
+            if schedule not in ("cosine", "constant"):
+                raise ValueError(
+                    f"fastlla: schedule must be 'cosine' or 'constant', got {schedule!r}"
+                )
             self._reset()
             x0, _ = next(iter(self._batches(train_loader)))
             f0 = self.network.output(x0)
@@ -403,6 +442,10 @@ class ScaLLA(LaplaceBase):
             self.n_outputs = f0.shape[-1]
             surrogate = self._ensure_surrogate(self.n_outputs, context_loader is not None, x0)
             surrogate.to(device=self.device)
+            learned = getattr(surrogate, "learned", surrogate)
+            if isinstance(learned, GatedSurrogate):  # its W is the network's: current at each fit
+                with torch.no_grad():
+                    learned.head_weight.copy_(self.model.get_submodule(learned.head_name).weight)
             with torch.no_grad():
                 self.n_features = self._surrogate_features(x0).shape[1]
             if isinstance(surrogate, LastLayerSurrogate):
@@ -413,10 +456,6 @@ class ScaLLA(LaplaceBase):
                 "augment": self._resolve_augment(augment, x0),
                 "time_budget": float(time_budget) if auto else None,
             }  # fmt: skip
-            if schedule not in ("cosine", "constant"):
-                raise ValueError(
-                    f"fastlla: schedule must be 'cosine' or 'constant', got {schedule!r}"
-                )
             settings = dict(
                 iterations=iterations if auto else int(iterations), n_projections=n_projections,
                 lr=lr, distribution=distribution,
@@ -431,7 +470,6 @@ class ScaLLA(LaplaceBase):
                 n_projections, lr, distribution, progress_bar,
             )  # fmt: skip
         self._fit_posterior(train_loader, progress_bar)
-        return self
 
     def _train_surrogate(
         self,
@@ -471,9 +509,8 @@ class ScaLLA(LaplaceBase):
         classification = self.likelihood is Likelihood.CLASSIFICATION
         mode = self.residual_variance
         if mode == "head" or (mode == "auto" and classification):
-            torch.manual_seed(self.seed + 1)
             try:
-                rhead = self.residual_head = ResidualHead(self.model, self.n_outputs)
+                rhead = self.residual_head = self._residual_head(self.n_outputs)
             except ValueError:  # no nn.Linear to read penultimate features from
                 if self.residual_variance == "head":
                     raise
@@ -687,7 +724,7 @@ class ScaLLA(LaplaceBase):
                 _ops.ggn_accumulate(H, phi.contiguous(), f if classification else None)
         distributed.all_reduce_posterior(self, H, fault.error, fault.what)
         self.posterior = FeaturePosterior(H)
-        self._fitted = True
+        self._mark_fitted()
 
     # ------------------------------------------------------------------ streaming updates
     def update(self, loader: Iterable, progress_bar: bool = False) -> ScaLLA:
@@ -732,7 +769,10 @@ class ScaLLA(LaplaceBase):
         W = torch.zeros(M, 0, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             for batch in tqdm(loader, disable=not progress_bar, desc="ScaLLA update"):
-                ((x, y),) = self._batches([batch], "loader")  # one batch, checked
+                checked = list(self._batches([batch], "loader", allow_empty=True))
+                if not checked:  # a batch of no inputs
+                    continue
+                ((x, y),) = checked
                 f = self.network.output(x)
                 self._check_outputs(f, y)
                 stat += self._loglik_term(f, y)
@@ -889,22 +929,81 @@ class ScaLLA(LaplaceBase):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a fitted estimator; the model must be the one it was fitted on."""
-        self._load_base_state(state)
-        self.n_features = state["n_features"]
-        self.n_learned = state.get("n_learned", self.n_features)
-        self.last_layer = state.get("last_layer", self.last_layer)
-        self.head_width = int(state.get("head_width", 0))
-        self.gate = bool(state.get("gate", False))
-        self.seed = state["seed"]
-        if self.surrogate is None:
-            self._ensure_surrogate(self.n_outputs)
-        self.surrogate.load_state_dict(state["surrogate"])
+        """Restore a fitted estimator; the model must be the one it was fitted on.
+
+        Every entry is checked before anything changes — keys, types, counts, finiteness, the
+        surrogate's and residual head's weights (keys and shapes) and ``H`` against the
+        surrogate's number of features — so a refused state (a clear error naming the key)
+        leaves the estimator as it was. Without a surrogate, the default one is built as
+        ``fit`` builds it (from a generator seeded by the saved ``seed``) and loaded.
+        """
+        base = self._validated_base_state(
+            state, ("n_features", "seed", "surrogate", "H"),
+            ("n_learned", "last_layer", "head_width", "gate", "residual_head"),
+        )  # fmt: skip
+        n_features = _state_int(state, "n_features", minimum=1)
+        n_learned = _state_int(state, "n_learned", minimum=0) if "n_learned" in state else n_features
+        if n_learned > n_features:
+            raise ValueError(
+                f"fastlla: state_dict['n_learned'] = {n_learned} exceeds n_features = {n_features}"
+            )
+        last_layer = state.get("last_layer", self.last_layer)
+        if last_layer != "auto" and not isinstance(last_layer, (bool, int)):
+            raise TypeError(f"fastlla: state_dict['last_layer'] must be a bool or int, got {last_layer!r}")
+        head_width = _state_int(state, "head_width", minimum=0) if "head_width" in state else 0
+        gate = state.get("gate", False)
+        if not isinstance(gate, bool):
+            raise TypeError(f"fastlla: state_dict['gate'] must be a bool, got {gate!r}")
+        # the surrogate (built as fit builds it, if there is none) is prepared on a shallow copy
+        # of the estimator and committed only once everything checked out
+        new = copy.copy(self)
+        new.__dict__.update(
+            base, n_features=n_features, n_learned=n_learned, last_layer=last_layer,
+            head_width=head_width, gate=gate, seed=_state_int(state, "seed"),
+        )  # fmt: skip
+        try:
+            surrogate = new._ensure_surrogate(base["n_outputs"])
+        except ValueError as err:
+            raise ValueError(
+                "fastlla: cannot build the surrogate state_dict describes (n_outputs="
+                f"{base['n_outputs']}, last_layer={last_layer!r}, gate={gate}, head_width="
+                f"{head_width}) for this model: {err}"
+            ) from err
+        check_module_state(surrogate, state["surrogate"], "state_dict['surrogate']")
+        built_outputs = getattr(surrogate, "n_outputs", base["n_outputs"])
+        if built_outputs != base["n_outputs"]:
+            raise ValueError(
+                f"fastlla: state_dict['n_outputs'] = {base['n_outputs']}, but the surrogate has "
+                f"{built_outputs} outputs"
+            )
+        built_features = _surrogate_n_features(surrogate)
+        if built_features is not None and built_features != n_features:
+            raise ValueError(
+                f"fastlla: state_dict['n_features'] = {n_features}, but the surrogate returns "
+                f"{built_features} features"
+            )
+        H = _state_tensor(state, "H", (n_features, n_features)).to(self.device, self.dtype)
+        if not torch.allclose(H, H.mT, rtol=1e-4, atol=1e-6 * float(H.abs().max())):
+            raise ValueError("fastlla: state_dict['H'] is not symmetric")
+        rhead = None
         if state.get("residual_head") is not None:
-            self.residual_head = ResidualHead(self.model, self.n_outputs)
-            self.residual_head.load_state_dict(state["residual_head"])
-        self.posterior = FeaturePosterior(state["H"].to(self.device, self.dtype))
-        self._fitted = True
+            rhead = new._residual_head(base["n_outputs"])
+            check_module_state(rhead, state["residual_head"], "state_dict['residual_head']")
+            rhead.load_state_dict(state["residual_head"])
+        posterior = FeaturePosterior(H)
+        with self._all_or_nothing(surrogate):  # loaded in place: checked above, cannot fail
+            surrogate.load_state_dict(state["surrogate"])
+            self.__dict__.update(new.__dict__)
+            self.residual_head, self.posterior = rhead, posterior
+            self._mark_fitted()
+
+
+def _surrogate_n_features(surrogate: nn.Module) -> int | None:
+    """The number ``M`` of features a surrogate returns, where it says (``None`` otherwise)."""
+    if isinstance(surrogate, LastLayerSurrogate):
+        return surrogate.n_learned + surrogate.n_exact
+    n = getattr(surrogate, "n_features", None)
+    return n if isinstance(n, int) else None
 
 
 @contextlib.contextmanager

@@ -54,6 +54,7 @@ __all__ = [
     "last_layer_surrogate",
     "check_surrogate_output",
     "last_linear",
+    "seeded_linear",
 ]
 
 
@@ -68,15 +69,35 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
+def seeded_linear(n_in: int, n_out: int, generator: torch.Generator | None = None) -> nn.Linear:
+    """``nn.Linear(n_in, n_out)`` with PyTorch's default initialisation drawn from ``generator``
+    (a CPU generator), leaving the global RNG untouched; ``None``: a plain ``nn.Linear``, which
+    draws from the global RNG like any torch module.
+
+    The draws are those ``nn.Linear`` makes after ``torch.manual_seed(s)`` when ``generator``
+    is ``torch.Generator().manual_seed(s)``.
+    """
+    if generator is None:
+        return nn.Linear(n_in, n_out)
+    layer = nn.Linear(n_in, n_out, device="meta").to_empty(device="cpu")  # no RNG use
+    with torch.no_grad():  # nn.Linear.reset_parameters, with the generator
+        nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+        bound = 1 / math.sqrt(n_in) if n_in > 0 else 0
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer
+
+
 class Surrogate(nn.Module):
     """``g(x) = output_scale · head(trunk(x))`` reshaped to ``(B, M, C)``.
 
     ``head_width = 0``: a linear head; ``w > 0``: ``Linear(n_hidden → w) · ReLU · Linear(w → M·C)``.
+    The head's initial weights come from ``generator`` (the global RNG when ``None``).
     """
 
     def __init__(
-        self, trunk: nn.Module, n_hidden: int, n_features: int, n_outputs: int, head_width: int = 0
-    ):
+        self, trunk: nn.Module, n_hidden: int, n_features: int, n_outputs: int, head_width: int = 0,
+        generator: torch.Generator | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.trunk = trunk
         self.n_features, self.n_outputs = n_features, n_outputs
@@ -85,10 +106,12 @@ class Surrogate(nn.Module):
             raise ValueError(f"fastlla: head_width must be >= 0, got {head_width}")
         out = n_features * n_outputs
         self.head = (
-            nn.Linear(n_hidden, out)
+            seeded_linear(n_hidden, out, generator)
             if self.head_width == 0
             else nn.Sequential(
-                nn.Linear(n_hidden, self.head_width), nn.ReLU(), nn.Linear(self.head_width, out)
+                seeded_linear(n_hidden, self.head_width, generator),
+                nn.ReLU(),
+                seeded_linear(self.head_width, out, generator),
             )
         )
         self.register_buffer("output_scale", torch.tensor(1.0))
@@ -262,11 +285,12 @@ class GatedSurrogate(nn.Module):
 
     ``forward(x)`` reads ``φ`` by running the network (:func:`penultimate`); callers that already
     have ``φ`` (the exact block, the exported predictor) use :meth:`features` and save a pass.
+    The initial weights of the map to ``H`` come from ``generator`` (the global RNG when ``None``).
     """
 
     def __init__(
         self, model: nn.Module, n_features: int, n_outputs: int, width: int = 512,
-        structure: tuple[str, str, str] | None = None,
+        structure: tuple[str, str, str] | None = None, generator: torch.Generator | None = None,
     ):  # fmt: skip
         super().__init__()
         structure = structure or gated_structure(model)
@@ -288,9 +312,13 @@ class GatedSurrogate(nn.Module):
         n_in, h = linear.in_features, linear.out_features
         self.n_features, self.n_outputs, self.hidden = n_features, n_outputs, h
         self.head_width = width  # the MLP's width, saved as Surrogate's head_width is
-        self.linear = nn.Linear(n_in, h * n_features)
+        self.linear = seeded_linear(n_in, h * n_features, generator)
         self.mlp = (
-            nn.Sequential(nn.Linear(n_in, width), nn.ReLU(), nn.Linear(width, h * n_features))
+            nn.Sequential(
+                seeded_linear(n_in, width, generator),
+                nn.ReLU(),
+                seeded_linear(width, h * n_features, generator),
+            )
             if width
             else None
         )
@@ -435,10 +463,14 @@ class ResidualHead(nn.Module):
     A small MLP on the network's own penultimate features ``[φ(x); 1]`` (the input of its last
     ``nn.Linear``, :func:`penultimate`). Trained beside the surrogate from the same JVPs: the
     per-input target ``(1/S) Σ_s z_s z_sᵀ − g gᵀ`` is unbiased for the residual block, so the
-    squared error's gradient is unbiased too.
+    squared error's gradient is unbiased too. Initial weights from
+    ``generator`` (global RNG if ``None``).
     """
 
-    def __init__(self, model: nn.Module, n_outputs: int, hidden: int = 128):
+    def __init__(
+        self, model: nn.Module, n_outputs: int, hidden: int = 128,
+        generator: torch.Generator | None = None,
+    ):  # fmt: skip
         super().__init__()
         name, linear = last_linear(model)
         self._model = (model,)
@@ -447,7 +479,9 @@ class ResidualHead(nn.Module):
         width = linear.in_features + int(self.has_bias)
         self.n_outputs = n_outputs
         self.net = nn.Sequential(
-            nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, n_outputs * n_outputs)
+            seeded_linear(width, hidden, generator),
+            nn.ReLU(),
+            seeded_linear(hidden, n_outputs * n_outputs, generator),
         )
         self.register_buffer("output_scale", torch.tensor(1.0))
         w = linear.weight
@@ -474,10 +508,12 @@ def trainable_copy_without(model: nn.Module, names: Any) -> nn.Module:
 
 
 def default_surrogate(
-    model: nn.Module, n_features: int, n_outputs: int, n_params: int, head_width: int = 0
+    model: nn.Module, n_features: int, n_outputs: int, n_params: int, head_width: int = 0,
+    generator: torch.Generator | None = None,
 ) -> Surrogate:
     """The trunk of ``model`` (copied, trainable) plus a head to ``n_features × n_outputs``
-    (linear, or with one hidden layer of ``head_width`` units)."""
+    (linear, or with one hidden layer of ``head_width`` units), initialised from ``generator``
+    (the global RNG when ``None``)."""
     if n_features < 1:
         raise ValueError(f"fastlla: n_features must be at least 1, got {n_features}")
     name, linear = last_linear(model)
@@ -486,7 +522,7 @@ def default_surrogate(
             "fastlla: the model is a single nn.Linear; pass surrogate=<nn.Module> explicitly"
         )
     trunk = trainable_copy_without(model, [name])
-    surrogate = Surrogate(trunk, linear.in_features, n_features, n_outputs, head_width)
+    surrogate = Surrogate(trunk, linear.in_features, n_features, n_outputs, head_width, generator)
     p0 = linear.weight
     surrogate = surrogate.to(device=p0.device, dtype=p0.dtype).eval()
     surrogate.output_scale.fill_(math.sqrt(n_params / n_features))
@@ -495,10 +531,11 @@ def default_surrogate(
 
 def last_layer_surrogate(
     model: nn.Module, n_features: int, n_outputs: int, n_params: int, rank: int | None = None,
-    head_width: int = 0, gated: bool = False,
+    head_width: int = 0, gated: bool = False, generator: torch.Generator | None = None,
 ) -> LastLayerSurrogate:
     """:func:`default_surrogate` (or, with ``gated``, a :class:`GatedSurrogate` with an MLP of
-    ``head_width`` units) for the learned features plus the exact last-layer block."""
+    ``head_width`` units) for the learned features plus the exact last-layer block; new
+    weights drawn from ``generator`` (the global RNG when ``None``)."""
     name, linear = last_linear(model)
     trainable = linear.weight.requires_grad and (linear.bias is None or linear.bias.requires_grad)
     if not trainable:
@@ -509,10 +546,10 @@ def last_layer_surrogate(
     if gated and rank is not None:
         raise ValueError("fastlla: a gated surrogate needs the full exact last-layer block (rank None)")
     if gated:
-        learned = GatedSurrogate(model, n_features, n_outputs, head_width)
+        learned = GatedSurrogate(model, n_features, n_outputs, head_width, generator=generator)
         learned.output_scale.fill_(math.sqrt(n_params / n_features))
     else:
-        learned = default_surrogate(model, n_features, n_outputs, n_params, head_width)
+        learned = default_surrogate(model, n_features, n_outputs, n_params, head_width, generator)
     out = LastLayerSurrogate(learned, model, name, rank)
     return out.to(device=linear.weight.device, dtype=linear.weight.dtype).eval()
 
