@@ -10,6 +10,12 @@ cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q setuptools wheel ninja pybind11 numpy tqdm scikit-learn matplotlib \
     pytest pytest-benchmark scipy
+# laplace-torch, for the cross-checks of tests/test_laplace_compat.py: its dependencies are listed
+# by hand and installed without theirs, so that nothing replaces the installed torch (its
+# declared dependencies would pull a CUDA torchvision, which breaks `import laplace`).
+python -m pip install -q --no-deps "laplace-torch==0.3" asdfghjkl backpack-for-pytorch \
+    curvlinops-for-pytorch einops opt_einsum torchmetrics lightning_utilities unfoldNd einconv \
+    jaxtyping wadler_lindig linear_operator
 MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps -e .
 
 echo "== tests with the compiled library =="
