@@ -12,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "mutmut>=3.8,<4"
 export FASTLLA_DISABLE_NATIVE=1
+# mutmut forks a child per mutant: an OpenMP pool inherited across fork hangs (every mutant
+# then "times out"), so torch runs single-threaded here.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mutmut run --max-children "${JOBS:-2}" || true
 mutmut export-cicd-stats
 python - <<'PY'
