@@ -226,3 +226,19 @@ def test_nll_metric_from_log_probabilities_at_huge_logits(dtype):
         metrics.nll(torch.full((2, 3), math.nan), torch.tensor([0, 1]), log_probs=True)
     with pytest.raises(ValueError, match="labels"):
         metrics.nll(logp, y + 4, log_probs=True)
+
+
+def test_log_monte_carlo_takes_one_sample_and_refuses_none():
+    """One draw is allowed (its log-probabilities are a log-softmax of one logit sample, equal to
+    the fused op's single draw); zero draws are refused."""
+    from fastlla.predictive import log_monte_carlo, monte_carlo
+
+    g = torch.Generator().manual_seed(4)
+    mean = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    a = torch.randn(5, 3, 3, generator=g, dtype=torch.float64)
+    cov = a @ a.mT + 0.1 * torch.eye(3, dtype=torch.float64)
+    one = log_monte_carlo(mean, cov, n_samples=1, seed=2)
+    torch.testing.assert_close(one.exp(), monte_carlo(mean, cov, n_samples=1, seed=2))
+    torch.testing.assert_close(one.logsumexp(-1), torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n_samples"):
+        log_monte_carlo(mean, cov, n_samples=0)
