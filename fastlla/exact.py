@@ -204,6 +204,30 @@ class ExactLLA(LaplaceBase):
         f = self.network.output(next(iter(self._batches(loader)))[0])
         return "weight" if self.n_params <= n * f.shape[-1] else "function"
 
+    def _check_memory(self, form: str, loader: Iterable) -> None:
+        """Refuse, before any work, a fit whose matrices cannot fit in the memory available."""
+        P, item = self.n_params, torch.empty((), dtype=self.dtype).element_size()
+        x0 = next(iter(self._batches(loader)))[0]
+        C = self.network.output(slice_batch(x0, 0, 1)).shape[-1]
+        jac = self.chunk_size * C * P  # one chunk of Jacobians
+        if form == "weight":  # G and its Cholesky factor, P × P each
+            need = (2 * P * P + jac) * item
+        else:  # Ĵ (NC × P), the kernel and its Cholesky factor, NC × NC each
+            try:
+                n = len(loader.dataset)  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                n = sum(batch_size(x) for x, _ in self._batches(loader))
+            need = (n * C * P + 2 * (n * C) ** 2 + jac) * item
+        have = available_memory(self.device)
+        if have is not None and need > have:
+            raise MemoryError(
+                f"fastlla: ExactLLA's {form}-space fit needs about {need / 2**30:.1f} GiB "
+                f"(P = {P:,} parameters, {C} outputs, {self.dtype}) but only "
+                f"{have / 2**30:.1f} GiB is available on {self.device}; use fastlla.ScaLLA, "
+                "whose memory does not grow with P, or a subset of the weights "
+                "(subset_of_weights='last_layer' or 'subnetwork')"
+            )
+
     # ------------------------------------------------------------------ fitting
     def fit(self, train_loader: Iterable, progress_bar: bool = False) -> ExactLLA:
         """Accumulate the exact GGN (or NTK Gram) over ``train_loader``.
@@ -215,6 +239,7 @@ class ExactLLA(LaplaceBase):
         if self._pending_last_layer:
             self._locate_last_layer(next(iter(self._batches(train_loader)))[0])
         form = self._resolve_form(train_loader)
+        self._check_memory(form, train_loader)
         P = self.n_params
         G = torch.zeros(P, P, dtype=self.dtype, device=self.device) if form == "weight" else None
         classification = self.likelihood is Likelihood.CLASSIFICATION
@@ -473,3 +498,30 @@ def _subnetwork(model: nn.Module, indices: Any) -> tuple[NetworkFunction, Tensor
         device=next(model.parameters()).device,
     )
     return network, columns
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes a new allocation can take on ``device`` (``None`` where unknown): free GPU memory,
+    or the host's available memory bounded by the process's address-space limit."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    have = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    have = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            have = soft if have is None else min(have, soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    return have

@@ -575,3 +575,29 @@ def test_bad_hyper_parameters():
             ExactLLA(model, "classification", **kwargs)
     with pytest.raises(ValueError):  # σ only applies to regression
         ExactLLA(model, "classification", sigma_noise=0.5)
+
+
+@pytest.mark.parametrize("form", ["weight", "function"])
+def test_fit_too_big_for_memory_is_refused_up_front(form, monkeypatch):
+    """The memory a fit needs is computed before any Jacobian: 2·P² entries (GGN and its
+    Cholesky factor) in weight form, N·C·P + 2·(N·C)² in function form (plus one chunk of
+    Jacobians); a fit that needs more than is available raises MemoryError naming the number."""
+    import fastlla.exact as exact_module
+
+    model = make_model("mlp", 3)
+    X = make_inputs("mlp", "tensor", 10, seed=21)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    loader = [(X[:5], y[:5]), (X[5:], y[5:])]
+    la = ExactLLA(model, "classification", form=form, chunk_size=4)
+    P, C, N, item = la.n_params, 3, 10, 8
+    need = (2 * P * P if form == "weight" else N * C * P + 2 * (N * C) ** 2) + 4 * C * P
+    assert exact_module.available_memory("cpu") > 0
+    monkeypatch.setattr(exact_module, "available_memory", lambda device: need * item - 1)
+    calls = []
+    monkeypatch.setattr(la, "_jacobians", lambda x: calls.append(x))
+    with pytest.raises(MemoryError, match=f"{need * item / 2**30:.1f} GiB"):
+        la.fit(loader)
+    assert calls == [] and not la._fitted  # refused before any Jacobian
+    monkeypatch.setattr(exact_module, "available_memory", lambda device: need * item)
+    monkeypatch.undo()
+    ExactLLA(model, "classification", form=form).fit(loader)  # fits when the memory is there
