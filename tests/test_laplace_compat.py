@@ -537,3 +537,39 @@ def test_matches_laplace_torch_last_layer(likelihood):
     # laplace-torch forms the covariance from an inverse square root of the precision
     # (a few more roundings than fastlla's triangular solve): float64 agreement to 1e-6
     assert rel_err(cov, f_var) < 1e-6
+
+
+@pytest.mark.parametrize("estimator", ["ExactLLA", "ScaLLA"])
+def test_state_dict_loads_with_weights_only(estimator):
+    """``torch.load(..., weights_only=True)`` (torch's default) reads a saved state_dict: it
+    holds plain tensors, numbers, strings and containers only; the reloaded estimator predicts
+    the same probabilities."""
+    import io
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 4, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    loader = [(X[i : i + 10], y[i : i + 10]) for i in range(0, 40, 10)]
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def make(m):
+        if estimator == "ExactLLA":
+            return fastlla.ExactLLA(m, "classification")
+        return fastlla.ScaLLA(m, "classification", n_features=8)
+
+    m = model()
+    la = make(m)
+    if estimator == "ExactLLA":
+        la.fit(loader)
+    else:
+        la.fit(loader, iterations=3, progress_bar=False)
+    buf = io.BytesIO()
+    torch.save(la.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    again = make(m)
+    again.load_state_dict(state)
+    assert torch.equal(again(X[:5]), la(X[:5]))
