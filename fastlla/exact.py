@@ -207,8 +207,13 @@ class ExactLLA(LaplaceBase):
     def _check_memory(self, form: str, loader: Iterable) -> None:
         """Refuse, before any work, a fit whose matrices cannot fit in the memory available."""
         P, item = self.n_params, torch.empty((), dtype=self.dtype).element_size()
-        x0 = next(iter(self._batches(loader)))[0]
-        C = self.network.output(slice_batch(x0, 0, 1)).shape[-1]
+        one_shot = isinstance(loader, Iterator)  # its batches cannot be read twice
+        if one_shot and form == "function":
+            return  # N is unknown until the fit has read the data
+        C = 1  # a lower bound where the loader cannot be peeked at
+        if not one_shot:
+            x0 = next(iter(self._batches(loader)))[0]
+            C = self.network.output(slice_batch(x0, 0, 1)).shape[-1]
         jac = self.chunk_size * C * P  # one chunk of Jacobians
         if form == "weight":  # G and its Cholesky factor, P × P each
             need = (2 * P * P + jac) * item

@@ -875,7 +875,9 @@ class LaplaceBase:
         """Predictive of the linearized network.
 
         Classification: class probabilities (B, C) with ``link_approx`` ``"probit"``,
-        ``"bridge"`` or ``"mc"`` (``n_samples`` draws, seeded by ``seed``).
+        ``"bridge"`` / ``"bridge_norm"`` (laplace-torch's Laplace bridge, after the zero-mean
+        correction; ``"bridge_uncorrected"`` without it) or ``"mc"`` (``n_samples`` draws,
+        seeded by ``seed``); see :class:`fastlla.predictive.LinkApprox`.
         Regression: ``(f_mean, f_var)`` with ``f_mean`` (B, C) and ``f_var`` (B, C, C), which
         includes ``σ² I`` when ``include_noise``.
         """

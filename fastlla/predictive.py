@@ -69,7 +69,14 @@ class LinkApprox(_Option):
     PROBIT = "probit"
     """``softmax(μ / √(1 + π/8 · diag Σ))`` (MacKay's probit approximation)."""
     BRIDGE = "bridge"
-    """Mean of the Dirichlet given by the Laplace bridge (Hobbhahn et al., 2022)."""
+    """Mean of the Dirichlet given by the Laplace bridge (Hobbhahn et al., 2022) after the
+    zero-mean correction (the Gaussian conditioned on ``Σ_c f_c = 0``), as laplace-torch."""
+    BRIDGE_NORM = "bridge_norm"
+    """The corrected bridge with laplace-torch's variance normalisation (mean diagonal variance
+    scaled to ``√(C/2)``)."""
+    BRIDGE_UNCORRECTED = "bridge_uncorrected"
+    """The Laplace bridge of ``N(μ, diag Σ)`` without the zero-mean correction (fastlla's
+    ``"bridge"`` before version 0.2)."""
     MC = "mc"
     """Monte-Carlo average of ``softmax`` over samples of ``N(μ, Σ)``."""
 
@@ -102,15 +109,50 @@ def _bridge_log_alpha(mean: Tensor, cov: Tensor) -> Tensor:
     return torch.logaddexp(b, torch.full_like(b, math.log(1.0 - 2.0 / C))) - torch.log(var)
 
 
-def log_laplace_bridge(mean: Tensor, cov: Tensor) -> Tensor:
+def zero_mean_correction(mean: Tensor, cov: Tensor) -> tuple[Tensor, Tensor]:
+    """``N(μ, Σ)`` (B, C), (B, C, C) conditioned on ``1ᵀf = 0`` — the softmax is invariant to
+    a shift of the logits, and the Laplace bridge assumes logits that sum to zero:
+    ``μ − Σ1 (1ᵀμ)/(1ᵀΣ1)``, ``Σ − Σ11ᵀΣ/(1ᵀΣ1)`` (Hobbhahn et al., 2022; laplace-torch's
+    ``"bridge"``). A zero covariance is left as it is."""
+    row = cov.sum(-1)  # Σ1, (B, C)
+    total = row.sum(-1, keepdim=True)  # 1ᵀΣ1, (B, 1)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    weight = torch.where(total > 0, row / safe, torch.zeros_like(row))
+    mean = mean - weight * mean.sum(-1, keepdim=True)
+    cov = cov - weight.unsqueeze(-1) * row.unsqueeze(-2)
+    return mean, cov
+
+
+def _bridge_inputs(mean: Tensor, cov: Tensor, link: LinkApprox) -> tuple[Tensor, Tensor]:
+    """The mean and covariance each bridge variant applies :func:`_bridge_log_alpha` to."""
+    if link is LinkApprox.BRIDGE_UNCORRECTED:
+        return mean, cov
+    mean, cov = zero_mean_correction(mean, cov)
+    if link is LinkApprox.BRIDGE_NORM:  # laplace-torch: mean diagonal variance → √(C/2)
+        var = torch.diagonal(cov, dim1=-2, dim2=-1)
+        scale = var.mean(-1, keepdim=True) / math.sqrt(mean.shape[-1] / 2)
+        scale = scale.clamp_min(torch.finfo(cov.dtype).tiny)
+        mean = mean / scale.sqrt()
+        cov = cov / scale.unsqueeze(-1)
+    return mean, cov
+
+
+def log_laplace_bridge(mean: Tensor, cov: Tensor, variant: str | LinkApprox = "bridge") -> Tensor:
     """Log of :func:`laplace_bridge`, (B, C): ``log_softmax(log α)``."""
-    return torch.log_softmax(_bridge_log_alpha(mean, cov), dim=-1)
+    link = LinkApprox.parse(variant)
+    return torch.log_softmax(_bridge_log_alpha(*_bridge_inputs(mean, cov, link)), dim=-1)
 
 
-def laplace_bridge(mean: Tensor, cov: Tensor) -> Tensor:
-    """Laplace bridge: the Dirichlet matching ``N(mean, diag cov)``, returned as its mean
-    ``α/Σα = softmax(log α)`` (finite for logits of any spread)."""
-    return torch.softmax(_bridge_log_alpha(mean, cov), dim=-1)
+def laplace_bridge(mean: Tensor, cov: Tensor, variant: str | LinkApprox = "bridge") -> Tensor:
+    """Laplace bridge: the mean ``α/Σα = softmax(log α)`` of the Dirichlet matching the
+    Gaussian over the logits, finite for logits of any spread.
+
+    ``variant``: ``"bridge"`` (zero-mean corrected, laplace-torch's default formula),
+    ``"bridge_norm"`` (also variance-normalised, laplace-torch's) or ``"bridge_uncorrected"``
+    (the bridge of ``N(μ, diag Σ)`` as it is).
+    """
+    link = LinkApprox.parse(variant)
+    return torch.softmax(_bridge_log_alpha(*_bridge_inputs(mean, cov, link)), dim=-1)
 
 
 def monte_carlo(mean: Tensor, cov: Tensor, n_samples: int = 100, seed: int = 0) -> Tensor:
@@ -152,9 +194,9 @@ def log_class_probabilities(
     link = LinkApprox.parse(link_approx)
     if link is LinkApprox.PROBIT:
         return log_probit(mean, cov)
-    if link is LinkApprox.BRIDGE:
-        return log_laplace_bridge(mean, cov)
-    return log_monte_carlo(mean, cov, n_samples=n_samples, seed=seed)
+    if link is LinkApprox.MC:
+        return log_monte_carlo(mean, cov, n_samples=n_samples, seed=seed)
+    return log_laplace_bridge(mean, cov, link)
 
 
 def class_probabilities(
@@ -168,9 +210,9 @@ def class_probabilities(
     link = LinkApprox.parse(link_approx)
     if link is LinkApprox.PROBIT:
         return probit(mean, cov)
-    if link is LinkApprox.BRIDGE:
-        return laplace_bridge(mean, cov)
-    return monte_carlo(mean, cov, n_samples=n_samples, seed=seed)
+    if link is LinkApprox.MC:
+        return monte_carlo(mean, cov, n_samples=n_samples, seed=seed)
+    return laplace_bridge(mean, cov, link)
 
 
 # --------------------------------------------------------------------------- OOD scores

@@ -537,6 +537,11 @@ def test_matches_laplace_torch_last_layer(likelihood):
     # laplace-torch forms the covariance from an inverse square root of the precision
     # (a few more roundings than fastlla's triangular solve): float64 agreement to 1e-6
     assert rel_err(cov, f_var) < 1e-6
+    if likelihood == "classification":  # the links on that covariance, laplace-torch's formulas
+        for link in ("probit", "bridge", "bridge_norm"):
+            p_ours = ours(Xs, link_approx=link)
+            p_theirs = theirs(Xs, pred_type="glm", link_approx=link)
+            assert rel_err(p_ours, p_theirs) < 1e-6, link
 
 
 @pytest.mark.parametrize("estimator", ["ExactLLA", "ScaLLA"])

@@ -76,16 +76,46 @@ def numpy_bridge(mean, cov):
 @pytest.mark.parametrize("C", [2, 3, 10])
 def test_laplace_bridge_matches_formula(C):
     mean, cov = gaussian(6, C, seed=10 + C)
-    got = laplace_bridge(mean, cov)
+    got = laplace_bridge(mean, cov, "bridge_uncorrected")
     np.testing.assert_allclose(got.numpy(), numpy_bridge(mean, cov), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(class_probabilities(mean, cov, "bridge_uncorrected"), got, rtol=0, atol=0)
+
+
+def numpy_zero_mean(mean, cov):
+    """laplace-torch's zero-mean correction, written out in numpy."""
+    mu, S = mean.numpy().copy(), cov.numpy().copy()
+    for b in range(mu.shape[0]):
+        one = np.ones(mu.shape[1])
+        s1, total = S[b] @ one, one @ S[b] @ one
+        mu[b] = mu[b] - s1 * mu[b].sum() / total
+        S[b] = S[b] - np.outer(s1, s1) / total
+    return torch.from_numpy(mu), torch.from_numpy(S)
+
+
+@pytest.mark.parametrize("C", [2, 3, 10])
+def test_laplace_bridge_variants_match_laplace_torch_formulas(C):
+    """``"bridge"``: the bridge of the zero-mean-corrected Gaussian; ``"bridge_norm"``: that,
+    with the mean diagonal variance scaled to √(C/2) — laplace-torch's two formulas."""
+    mean, cov = gaussian(6, C, seed=30 + C)
+    m0, S0 = numpy_zero_mean(mean, cov)
+    assert np.allclose(m0.sum(-1).numpy(), 0, atol=1e-12)  # the corrected logits sum to zero
+    got = laplace_bridge(mean, cov)
+    np.testing.assert_allclose(got.numpy(), numpy_bridge(m0, S0), rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(class_probabilities(mean, cov, "bridge"), got, rtol=0, atol=0)
+    var = np.diagonal(S0.numpy(), axis1=1, axis2=2)
+    s = var.mean(1) / np.sqrt(C / 2)
+    mn, Sn = m0 / torch.from_numpy(np.sqrt(s))[:, None], S0 / torch.from_numpy(s)[:, None, None]
+    norm = laplace_bridge(mean, cov, "bridge_norm")
+    np.testing.assert_allclose(norm.numpy(), numpy_bridge(mn, Sn), rtol=1e-10, atol=1e-14)
+    # Different formulas, different answers.
+    assert float((got - laplace_bridge(mean, cov, "bridge_uncorrected")).abs().max()) > 1e-3
 
 
 def test_laplace_bridge_large_logits_stay_finite():
     # The formula depends on μ only through e^{μ_k} Σ_l e^{−μ_l}, which a shift leaves unchanged,
     # so the oracle at μ equals the value at μ + 800 (where a naive exp overflows).
     mean, cov = gaussian(4, 5, seed=3)
-    shifted = laplace_bridge(mean + 800.0, cov)
+    shifted = laplace_bridge(mean + 800.0, cov, "bridge_uncorrected")
     assert bool(torch.isfinite(shifted).all())
     np.testing.assert_allclose(shifted.numpy(), numpy_bridge(mean, cov), rtol=1e-10)
 
