@@ -11,6 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "mutmut>=3.8,<4"
+# laplace-torch, so the cross-checks of tests/test_laplace_compat.py kill mutants too (installed
+# as scripts/test.sh does: no dependencies of its own, torch untouched)
+python -m pip install -q --no-deps "laplace-torch==0.3" asdfghjkl backpack-for-pytorch \
+    curvlinops-for-pytorch einops opt_einsum torchmetrics lightning_utilities unfoldNd einconv \
+    jaxtyping wadler_lindig linear_operator
 export FASTLLA_DISABLE_NATIVE=1
 # mutmut forks a child per mutant: an OpenMP pool inherited across fork hangs (every mutant
 # then "times out"), so torch runs single-threaded here.
