@@ -214,14 +214,18 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
+def _spawn(worker, out) -> list[dict]:
+    """Run ``worker`` on WORLD processes and return each rank's results (none may crash)."""
+    mp.spawn(worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r, res in enumerate(results):
         assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
     return results
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _spawn(_worker, tmp_path_factory.mktemp("dist"))
 
 
 class NaNAbove(nn.Module):
@@ -303,12 +307,7 @@ def _fault_worker(rank: int, store_path: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
-    out = tmp_path_factory.mktemp("faults")
-    mp.spawn(_fault_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
-    return results
+    return _spawn(_fault_worker, tmp_path_factory.mktemp("faults"))
 
 
 @pytest.mark.parametrize("scenario, error, cause", FAULTS, ids=[f[0] for f in FAULTS])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
@@ -10,15 +9,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fastlla.data import load_diabetes_split, load_digits_split, make_gap_regression
 from fastlla.models import MLP, DigitsCNN, train_map
+from testing import single_thread
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models train faster on one thread, and do not thrash when others share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 def _n_params(model: nn.Module) -> int:

@@ -13,19 +13,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fastlla
 from fastlla.export import Predictor
-from testing import assert_close
+from testing import assert_close, single_thread
 
 D, C, M = 5, 3, 8
 N_THREADS, REPEATS = 8, 3
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """One intra-op thread per call, so a serial and a threaded call run the same kernels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_intra_op_thread = pytest.fixture(autouse=True)(single_thread)
 
 
 def make_model(n_out: int, seed: int = 0) -> nn.Module:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 import fastlla._ops as ops
 
 __all__ = [
+    "single_thread",
     "DEVICES",
     "DTYPES",
     "NATIVE",
@@ -64,6 +65,15 @@ def dtype(request) -> torch.dtype:
 def tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance for results of a few hundred accumulated products."""
     return 2e-4 if dtype == torch.float32 else 1e-10
+
+
+def single_thread():
+    """Fixture body: one intra-op torch thread for the test, the caller's count restored after
+    (serial and threaded calls then run the same kernels; small models train faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def eps_tolerance(dtype: torch.dtype, n: int = 1, cond: float = 1.0, safety: float = 8.0) -> float:
