@@ -1,7 +1,7 @@
 """CPU benchmarks of the fastlla ops: native kernel vs the pure-PyTorch reference, same run.
 
     python -m pytest bench/bench_ops.py --benchmark-only -p no:cacheprovider   # pytest-benchmark
-    python bench/bench_ops.py [--markdown bench/results/cpu-ops-DATE.md] [--repeat 15]
+    python bench/bench_ops.py [--markdown bench/results/ops/DATE-cpu-Ncore.md] [--repeat 15]
 
 The script form times every pair interleaved (native, reference, native, ...; best of
 ``--repeat``), which keeps the ratios honest on a shared, noisy machine, and measures the peak

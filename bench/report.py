@@ -1,11 +1,11 @@
-"""Benchmark report: ``bench/results/<device>-<date>.md`` with tables and PNG plots.
+"""Benchmark report ``bench/results/suite[-<mode>]/<date>-<device>.md``: tables and PNG plots.
 
 Reads what the suite (``bench/suite``, run by ``python -m fastlla bench``) left in the raw folder
 beside the report — ``rows.jsonl`` (one row per case, including the cases reported over a cap),
 ``benchmark-*.json`` (raw pytest-benchmark output), ``meta.json`` — and the op micro-benchmark
 table of ``bench/bench_ops.py``.
 
-    python bench/report.py bench/results/cpu-2core-2026-11-26      # regenerate from raw files
+    python bench/report.py bench/results/suite/2026-11-26-cpu-2core   # regenerate from raw files
 """
 
 from __future__ import annotations

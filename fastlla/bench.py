@@ -9,8 +9,9 @@ Runs, each in its own pytest process (pytest-benchmark, raw JSON kept), within a
 4. ``data`` and ``features`` — fit time and memory versus N and versus M;
 
 then gathers the op micro-benchmarks (``bench/bench_ops.py``'s latest results file, or a short
-run of it) and writes ``bench/results/<device>-<date>.md`` with tables and PNG plots, the raw
-JSON beside it in ``bench/results/<device>-<date>/``.
+run of it) and writes ``bench/results/suite[-<mode>]/<date>-<device>.md`` with tables and PNG
+plots, the raw JSON beside it in ``bench/results/suite[-<mode>]/<date>-<device>/`` (one current
+report per benchmark; older runs live in git history).
 
 The suite lives in the source tree (``bench/``), not in the installed package: run it from a
 checkout. ``--quick`` fits in 10 minutes on 2 CPU cores; ``--full`` uses 100-step fits, larger
@@ -137,8 +138,9 @@ def run_bench(
     wanted = sections or [s[0] for s in SECTIONS]
     threads = int(cfg["threads"])
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    name = f"{device_name('cpu', threads)}-{stamp}" + ("" if mode == "quick" else f"-{mode}")
-    out_md = Path(out) if out else root / "bench" / "results" / f"{name}.md"
+    folder = "suite" + ("" if mode == "quick" else f"-{mode}")
+    name = f"{stamp}-{device_name('cpu', threads)}"
+    out_md = Path(out) if out else root / "bench" / "results" / folder / f"{name}.md"
     raw = out_md.with_suffix("")
     raw.mkdir(parents=True, exist_ok=True)
     for stale in raw.glob("*.json*"):
@@ -185,8 +187,8 @@ def run_bench(
 
 
 def _ops_results(root: Path, raw: Path, deadline: float, log) -> Path | None:
-    """The latest ``bench/results/cpu-ops-*.md`` from bench/bench_ops.py, or a short fresh run."""
-    found = sorted((root / "bench" / "results").glob("cpu-ops-*.md"))
+    """The latest ``bench/results/ops/*.md`` from bench/bench_ops.py, or a short fresh run."""
+    found = sorted((root / "bench" / "results" / "ops").glob("*.md"))
     if found:
         return found[-1]
     if time.time() > deadline - 40:

@@ -5,7 +5,7 @@ Commands
 demo      MAP vs ExactLLA vs ScaLLA on digits (with OOD) and a 1-D gap regression.
 backends  Which implementation (native C++/CUDA or pure-PyTorch reference) each op uses.
 fidelity  Held-out kernel error vs training cost of ScaLLA configurations (digits CNN).
-bench     Benchmarks against ExactLLA and laplace-torch; writes bench/results/<device>-<date>.md.
+bench     Benchmarks against ExactLLA and laplace-torch; writes bench/results/suite/<date>-<device>.md.
 """
 
 from __future__ import annotations
