@@ -4,11 +4,13 @@
 respect to the parameters that count for the Laplace approximation — those with
 ``requires_grad=True``, as in laplace-torch — while frozen parameters and buffers (BatchNorm
 running statistics, in eval mode) stay constant. Inputs may be a tensor, a tuple of tensors
-(passed as positional arguments) or a dict of tensors (passed as keyword arguments).
+(passed as positional arguments) or a dict of tensors (passed as keyword arguments, or as the
+one argument of a ``forward(self, data)``, laplace-torch's convention: :func:`takes_mapping`).
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -78,12 +80,34 @@ def check_finite(name: str, x: Inputs) -> None:
             raise ValueError(f"fastlla: {name} contains NaN or Inf values")
 
 
-def call_module(module: nn.Module, x: Inputs) -> Any:
-    """``module(x)``, ``module(*x)`` or ``module(**x)`` for a tensor, tuple or dict batch."""
+def takes_mapping(module: Any, x: Mapping) -> bool:
+    """Whether ``module``'s forward takes the dict batch ``x`` as its one argument
+    (laplace-torch's convention, ``forward(self, data)``) rather than as keyword arguments
+    (``forward(self, input_ids, ...)``): decided by binding ``x`` to the forward's signature —
+    as keywords first; as one positional argument where only that binds."""
+    try:
+        signature = inspect.signature(getattr(module, "forward", module))
+    except (TypeError, ValueError):
+        return False
+    try:
+        signature.bind(**x)
+        return False
+    except TypeError:
+        pass
+    try:
+        signature.bind(x)
+        return True
+    except TypeError:
+        return False
+
+
+def call_module(module: Any, x: Inputs) -> Any:
+    """``module(x)``, ``module(*x)`` or ``module(**x)`` for a tensor, tuple or dict batch
+    (``module(x)`` for a dict where the forward takes one, see :func:`takes_mapping`)."""
     if isinstance(x, Tensor):
         return module(x)
     if isinstance(x, Mapping):
-        return module(**x)
+        return module(x) if takes_mapping(module, x) else module(**x)
     return module(*x)
 
 
@@ -92,6 +116,8 @@ def _call(module: nn.Module, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
     if isinstance(x, Tensor):
         return functional_call(module, params, (x,))
     if isinstance(x, Mapping):
+        if takes_mapping(module, x):
+            return functional_call(module, params, (dict(x),))
         return functional_call(module, params, (), dict(x))
     return functional_call(module, params, tuple(x))
 
