@@ -97,17 +97,21 @@ class LinkApprox(_Option):
     """Monte-Carlo average of ``softmax`` over samples of ``N(μ, Σ)``."""
 
 
+def _variances(cov: Tensor) -> Tensor:
+    """The variances (B, C) of ``cov``: (B, C, C) covariances, or (B, C) variances already."""
+    return cov if cov.dim() == 2 else torch.diagonal(cov, dim1=-2, dim2=-1)
+
+
 def log_probit(mean: Tensor, cov: Tensor) -> Tensor:
     """Log-probabilities of the probit approximation, (B, C): a log-softmax, finite for any
     finite logits (no probability underflows to ``log 0``)."""
-    var = torch.diagonal(cov, dim1=-2, dim2=-1)
-    return torch.log_softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+    return torch.log_softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * _variances(cov)), dim=-1)
 
 
 def probit(mean: Tensor, cov: Tensor) -> Tensor:
-    """Probit approximation; ``mean`` (B, C), ``cov`` (B, C, C) → probabilities (B, C)."""
-    var = torch.diagonal(cov, dim1=-2, dim2=-1)
-    return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+    """Probit approximation; ``mean`` (B, C), ``cov`` (B, C, C) or the variances (B, C) →
+    probabilities (B, C)."""
+    return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * _variances(cov)), dim=-1)
 
 
 def _bridge_log_alpha(mean: Tensor, cov: Tensor) -> Tensor:
