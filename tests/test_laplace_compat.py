@@ -974,3 +974,79 @@ def test_reward_modeling_against_explicit_jacobians(form):
         ExactLLA(model, "classification").load_state_dict(state)
     with pytest.raises(NotImplementedError, match="reward_modeling"):
         ScaLLA(model, "reward_modeling")
+
+
+# --------------------------------------------------------------------------- against laplace-torch
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_sampling_predictive_options_and_properties_match_laplace_torch(likelihood):
+    """laplace-torch's own ``FullLaplace`` given fastlla's GGN (its curvlinops GGN agrees to
+    ~1e-8, checked in test_matches_laplace_torch_full): every quantity downstream — properties,
+    weight samples with the same generator, ``"nn"`` draws, joint and diagonal predictives,
+    ``functional_variance/covariance``, one-input GLM draws — agrees to 1e-10 (float64)."""
+    lt = _laplace_torch()
+    model = model_for()
+    X, y = data(likelihood)
+    sigma = 0.3 if likelihood == "regression" else 1.0
+    ours = ExactLLA(model, likelihood, sigma, 0.5).fit(loader(X, y))
+    theirs = lt.Laplace(copy.deepcopy(model), likelihood, "all", "full", sigma_noise=sigma, prior_precision=0.5)
+    theirs.fit(loader(X, y))
+    assert rel_err(ours._posterior_ggn(), theirs.H) < 1e-7
+    theirs.H = ours._posterior_ggn().clone()
+    tol = 1e-10
+    for name in (
+        "posterior_precision", "posterior_covariance", "posterior_scale", "log_det_ratio",
+        "log_det_prior_precision", "log_det_posterior_precision", "scatter", "mean", "log_likelihood",
+    ):  # fmt: skip
+        assert rel_err(getattr(ours, name), getattr(theirs, name).detach()) < tol, name
+    assert ours.n_params == theirs.n_params
+
+    def gens():
+        return torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+
+    g1, g2 = gens()
+    assert rel_err(ours.sample(7, generator=g1), theirs.sample(7, generator=g2)) < tol
+    Xs = X[:3]
+    Js, _ = theirs.backend.jacobians(Xs)
+    assert rel_err(ours.functional_variance(Js), theirs.functional_variance(Js)) < tol
+    assert rel_err(ours.functional_covariance(Js), theirs.functional_covariance(Js)) < tol
+    g1, g2 = gens()  # one input: the same standard normals
+    assert rel_err(ours.functional_samples(Xs[:1], n_samples=6, generator=g1),
+                   theirs.functional_samples(Xs[:1], n_samples=6, generator=g2)) < tol  # fmt: skip
+    for method in ("functional_samples", "predictive_samples"):
+        g1, g2 = gens()
+        a = getattr(ours, method)(Xs, "nn", n_samples=6, generator=g1)
+        b = getattr(theirs, method)(Xs, "nn", n_samples=6, generator=g2)
+        assert rel_err(a, b) < tol, method
+    with torch.random.fork_rng():  # laplace-torch's "nn" predictive draws from the global RNG
+        torch.manual_seed(3)
+        b = theirs(Xs, pred_type="nn", link_approx="mc", n_samples=20)
+    a = ours(Xs, pred_type="nn", link_approx="mc", n_samples=20, generator=torch.Generator().manual_seed(3))
+    if likelihood == "regression":
+        assert rel_err(a[0], b[0]) < tol and rel_err(a[1], b[1]) < tol
+        for kw in ({"joint": True}, {"diagonal_output": True}, {}):
+            a, b = ours(Xs, **kw), theirs(Xs, pred_type="glm", **kw)
+            assert a[1].shape == b[1].shape and rel_err(a[0], b[0]) < tol and rel_err(a[1], b[1]) < tol, kw
+    else:
+        assert rel_err(a, b) < tol
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            b = theirs(Xs[:1], pred_type="glm", link_approx="mc", n_samples=30, diagonal_output=True)
+        a = ours(Xs[:1], link_approx="mc", n_samples=30, diagonal_output=True,
+                 generator=torch.Generator().manual_seed(5))  # fmt: skip
+        assert rel_err(a, b) < tol
+
+
+def test_reward_modeling_matches_laplace_torch():
+    lt = _laplace_torch()
+    model = RewardNet().double()
+    Xp, yp = _pairs()
+    ours = Laplace(model, "reward_modeling", "all", "full", prior_precision=0.5).fit(loader(Xp, yp))
+    theirs = lt.Laplace(copy.deepcopy(model), "reward_modeling", "all", "full", prior_precision=0.5)
+    theirs.fit(loader(Xp, yp))
+    a, b = float(ours.log_marginal_likelihood()), float(theirs.log_marginal_likelihood())
+    assert abs(a - b) <= 1e-7 * abs(b)
+    theirs.H = ours._posterior_ggn().clone()
+    Xs = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=DT)
+    (m1, v1), (m2, v2) = ours(Xs), theirs(Xs, pred_type="glm")
+    assert rel_err(m1, m2) < 1e-12 and rel_err(v1, v2) < 1e-10
+    assert rel_err(ours(Xp[:3], fitting=True), theirs(Xp[:3], pred_type="glm", fitting=True)) < 1e-10
