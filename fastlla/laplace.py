@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .functional import NetworkFunction, batch_size, check_finite, to_device
+from .functional import NetworkFunction, batch_size, check_finite, takes_mapping, to_device
 from .posterior import precision_to_scale_tril
 from .predictive import (
     Likelihood,
@@ -336,7 +336,7 @@ class LaplaceBase:
                          batch[self.dict_key_y])  # fmt: skip
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(f"fastlla: {name} must yield (inputs, targets) pairs")
-            x, y = batch
+            x, y = self._model_input(batch[0]), batch[1]
             x = to_device(x, self.device, self.dtype)
             y = y.to(self.device)
             check_finite(f"the inputs of {name}", x)
@@ -350,6 +350,14 @@ class LaplaceBase:
             yield x, y
         if n == 0 and not allow_empty:
             raise ValueError(f"fastlla: {name} is empty")
+
+    def _model_input(self, x: Any) -> Any:
+        """A dict batch as ``(x,)`` where the model's forward takes the dict as its one argument
+        (laplace-torch's ``forward(self, data)``; see :func:`fastlla.functional.takes_mapping`),
+        else ``x``."""
+        if isinstance(x, Mapping) and takes_mapping(self.model, x):
+            return (x,)
+        return x
 
     def _check_outputs(self, f: Tensor, y: Tensor | None = None, n_outputs: Any = _UNSET) -> None:
         """Check outputs (and targets) of a batch; ``n_outputs`` (default ``self.n_outputs``):
@@ -883,7 +891,7 @@ class LaplaceBase:
     def _prediction_inputs(self, x: Any, fitting: bool = False) -> Any:
         """``x`` on the model's device, checked (finite; batched, except reward inputs)."""
         self._check_fitted()
-        x = to_device(x, self.device, self.dtype)
+        x = to_device(self._model_input(x), self.device, self.dtype)
         check_finite("the inputs", x)
         if fitting or not self.reward_modeling:  # reward inputs have one dimension less than pairs
             self._check_batched(x)

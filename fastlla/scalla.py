@@ -708,7 +708,7 @@ class ScaLLA(LaplaceBase):
             if isinstance(batch, Mapping):  # a dict batch: every entry but the target is input
                 batch = {k: v for k, v in batch.items() if k != self.dict_key_y}
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = to_device(x, self.device, self.dtype)
+            x = to_device(self._model_input(x), self.device, self.dtype)
             check_finite("the inputs of context_loader", x)
             if batch_size(x) == 0:
                 continue
