@@ -1016,6 +1016,12 @@ class LaplaceBase:
             return torch.softmax(gaussian_samples(mean, cov, n_samples, generator), -1).mean(0)
         return class_probabilities(mean, cov, link, n_samples=n_samples, seed=seed)
 
+    def predictive(
+        self, x: Any, pred_type: str = "glm", link_approx: str = "probit", n_samples: int = 100
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """laplace-torch's alias of :meth:`__call__` with these four arguments."""
+        return self(x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples)
+
     @staticmethod
     def _own_generator(generator: Any) -> bool:
         """Whether the user passed ``generator`` (checked); the default MC uses the seeded op."""
@@ -1209,6 +1215,28 @@ class LaplaceBase:
         """``log det P = log det D + log det(I + sD⁻¹G)`` (float64, from the eigenvalues of
         ``G`` for a scalar ``δ``)."""
         return self.log_det_ratio + self.log_det_prior_precision
+
+    @property
+    def prior_precision_diag(self) -> Tensor:
+        """``D``'s diagonal (n_params,), float64: ``δ`` expanded per parameter."""
+        return self._prior_diagonal().clone()
+
+    def square_norm(self, value: Tensor) -> Tensor:
+        """``(v − mean)ᵀ P (v − mean)`` for ``value`` (n_params,) (laplace-torch's)."""
+        P = self.posterior_precision
+        delta = value.to(P.dtype) - self.mean
+        return delta @ P @ delta
+
+    def log_prob(self, value: Tensor, normalized: bool = True) -> Tensor:
+        """``log N(value; mean, P⁻¹)`` (laplace-torch's); ``normalized=False``: only the terms
+        that depend on ``value``, ``−½ square_norm(value)``."""
+        if not normalized:
+            return -self.square_norm(value) / 2
+        return (
+            -self.n_params / 2 * math.log(2 * math.pi)
+            + self.log_det_posterior_precision / 2
+            - self.square_norm(value) / 2
+        )
 
     @property
     def scatter(self) -> Tensor:

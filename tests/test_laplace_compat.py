@@ -663,6 +663,9 @@ def test_predictive_options_and_posterior_against_explicit_jacobians(likelihood,
     ratio = float(logdet_post - diag.log().sum())
     assert abs(float(la.log_det_ratio) - ratio) < tol * abs(ratio)
     assert abs(float(la.scatter) - float((diag * oracle.theta.square()).sum())) < 1e-12 * float(la.scatter)
+    value = oracle.theta + 0.05 * torch.linspace(-1, 1, oracle.theta.numel(), dtype=DT)
+    ref = torch.distributions.MultivariateNormal(oracle.theta, precision_matrix=precision).log_prob(value)
+    assert abs(float(la.log_prob(value)) - float(ref)) < tol * abs(float(ref))
     # the same value read as laplace-torch's property and called as fastlla's method
     assert float(la.log_det_ratio()) == float(la.log_det_ratio)
     assert float(la.log_likelihood) == float(la.log_likelihood())
@@ -996,9 +999,14 @@ def test_sampling_predictive_options_and_properties_match_laplace_torch(likeliho
     for name in (
         "posterior_precision", "posterior_covariance", "posterior_scale", "log_det_ratio",
         "log_det_prior_precision", "log_det_posterior_precision", "scatter", "mean", "log_likelihood",
+        "prior_precision_diag",
     ):  # fmt: skip
         assert rel_err(getattr(ours, name), getattr(theirs, name).detach()) < tol, name
     assert ours.n_params == theirs.n_params
+    value = ours.mean + 0.1 * torch.linspace(-1, 1, ours.n_params, dtype=DT)
+    assert rel_err(ours.square_norm(value), theirs.square_norm(value)) < tol
+    for normalized in (True, False):
+        assert rel_err(ours.log_prob(value, normalized), theirs.log_prob(value, normalized)) < tol
 
     def gens():
         return torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
@@ -1330,3 +1338,6 @@ def test_workflow_api_probe(structure):
         with pytest.raises(NotImplementedError, match="functional_samples"):
             la.sample(6)
     assert set(la.state_dict()) >= {"prior_precision", "sigma_noise", "n_data", "n_outputs", "likelihood"}
+    assert la.prior_precision_diag.shape == (P,)
+    assert la.log_prob(la.mean).shape == () and float(la.square_norm(la.mean)) == 0.0
+    assert torch.equal(la.predictive(x, "glm", "probit", 10), la(x))
