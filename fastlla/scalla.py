@@ -95,7 +95,10 @@ class ScaLLA(LaplaceBase):
     The leading parameters are laplace-torch's ``BaseLaplace``'s, in its order (see
     :class:`fastlla.laplace.LaplaceBase`); ``prior_precision`` must be a scalar (the posterior
     is over the surrogate's features, not the parameters). ScaLLA's own options are
-    keyword-only.
+    keyword-only. laplace-torch's posterior properties (``n_params``, ``mean``,
+    ``posterior_precision``, ...) describe that ``M``-dimensional posterior over the weights
+    ``w`` of ``f(x) + g(x)ᵀw``; there are no weight samples (``sample`` raises), and
+    ``pred_type="nn"`` draws the linearized network's outputs instead.
 
     Parameters
     ----------
