@@ -995,7 +995,8 @@ class LaplaceBase:
                 "fastlla: joint=True is a regression predictive (laplace-torch ignores it for "
                 "classification); use functional_samples for joint class samples"
             )
-        if generator is None and (pred_type is PredType.NN or link is LinkApprox.MC):
+        given = self._own_generator(generator)  # else the seeded draws (the fused op for "mc")
+        if not given and (pred_type is PredType.NN or link is LinkApprox.MC):
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
         if pred_type is PredType.NN:
             if link is not LinkApprox.MC:
@@ -1012,7 +1013,7 @@ class LaplaceBase:
         mean, cov = self.predictive_distribution(
             x, diagonal_output=diagonal_output and not bridge, fitting=fitting
         )
-        if link is LinkApprox.MC and (diagonal_output or self._own_generator(generator)):
+        if link is LinkApprox.MC and (diagonal_output or given):
             return torch.softmax(gaussian_samples(mean, cov, n_samples, generator), -1).mean(0)
         return class_probabilities(mean, cov, link, n_samples=n_samples, seed=seed)
 
