@@ -465,12 +465,13 @@ class ExactLLA(LaplaceBase):
         """The network at :meth:`sample`'s weights (S, B, C), run on a private binding of the
         parameters (the model's own are never changed)."""
         x = self._prediction_inputs(x, fitting)
+        if batch_size(x) == 0:  # the network is not run on a batch of no inputs
+            C = self._expected_outputs(fitting) or 1
+            return torch.empty(n_samples, 0, C, dtype=self.dtype, device=self.device)
         thetas = self._weight_samples(n_samples, generator)
         with torch.no_grad():
-            outs = [self.network(self._params_at(theta), x) for theta in thetas]
-        f = torch.stack(outs)
-        self._check_outputs(f[0], n_outputs=None if self._predicts_regression(fitting)
-                            and self.reward_modeling else self.n_outputs)  # fmt: skip
+            f = torch.stack([self.network(self._params_at(theta), x) for theta in thetas])
+        self._check_outputs(f.reshape(-1, f.shape[-1]), n_outputs=self._expected_outputs(fitting))
         return f
 
     def _params_at(self, theta: Tensor) -> dict[str, Tensor]:

@@ -903,6 +903,10 @@ class LaplaceBase:
             return not fitting
         return self.likelihood is Likelihood.REGRESSION
 
+    def _expected_outputs(self, fitting: bool) -> int | None:
+        """The outputs a prediction must have (``None``: any — a reward model's single inputs)."""
+        return None if self.reward_modeling and not fitting else self.n_outputs
+
     def predictive_distribution(
         self, x: Any, joint: bool = False, diagonal_output: bool = False, fitting: bool = False
     ) -> tuple[Tensor, Tensor]:
@@ -923,9 +927,7 @@ class LaplaceBase:
         if joint and diagonal_output:
             raise ValueError("fastlla: joint=True and diagonal_output=True exclude each other")
         x = self._prediction_inputs(x, fitting)
-        n_outputs = None if self._predicts_regression(fitting) and self.reward_modeling else (
-            self.n_outputs
-        )
+        n_outputs = self._expected_outputs(fitting)
         if batch_size(x) == 0:  # the network is not run on a batch of no inputs
             C, kw = n_outputs or 1, {"dtype": self.dtype, "device": self.device}
             if joint:
@@ -1001,9 +1003,11 @@ class LaplaceBase:
         if pred_type is PredType.NN:
             if link is not LinkApprox.MC:
                 raise ValueError("fastlla: pred_type='nn' needs link_approx='mc' (as laplace-torch)")
+            if regression and int(n_samples) < 2:
+                raise ValueError("fastlla: a sampled regression variance needs n_samples >= 2")
             f = self.functional_samples(x, "nn", n_samples, generator=generator, fitting=fitting)
             if regression:
-                mean, var = f.mean(0), f.var(0)
+                mean, var = f.mean(0), f.var(0) if f.shape[1] else f.sum(0)
                 return mean, var + self.sigma_noise.to(var.dtype) ** 2 if include_noise else var
             return torch.softmax(f, dim=-1).mean(0)
         if regression:
@@ -1134,7 +1138,11 @@ class LaplaceBase:
         posterior's parameters, and the outputs (B, C) (laplace-torch's
         ``la.backend.jacobians(x)``). ScaLLA's posterior is over the weights ``w`` of
         ``f(x) + g(x)ᵀw``: its ``Js`` is ``g(x)ᵀ``, the surrogate's features."""
-        return self._jacobians_and_outputs(self._prediction_inputs(x))
+        x = self._prediction_inputs(x)
+        if batch_size(x) == 0:
+            C, kw = self.n_outputs, {"dtype": self.dtype, "device": self.device}
+            return torch.empty(0, C, self.n_params, **kw), torch.empty(0, C, **kw)
+        return self._jacobians_and_outputs(x)
 
     def _checked_jacobians(self, Js: Any) -> Tensor:
         self._check_fitted()

@@ -750,6 +750,8 @@ def test_nn_predictive_runs_the_network_at_sampled_weights(likelihood, subset):
     else:
         assert torch.equal(ps, fs)
         assert rel_err(out[0], ref.mean(0)) < 1e-14 and rel_err(out[1], ref.var(0)) < 1e-14
+        with pytest.raises(ValueError, match="n_samples >= 2"):
+            la(Xs, pred_type="nn", link_approx="mc", n_samples=1)
     with pytest.raises(ValueError, match="link_approx='mc'"):
         la(Xs, pred_type="nn")
     with pytest.raises(ValueError, match="pred_type"):
@@ -783,6 +785,12 @@ def test_sampling_leaves_global_rng_alone_and_generators_reproduce():
             la.functional_samples(Xs, n_samples=0)
     ex.sample(3)
     assert torch.equal(torch.get_rng_state(), state)
+    empty = Xs[:0]  # a batch of no inputs: empty results, the network not run
+    for la in (ex, sc):
+        assert la.functional_samples(empty, "nn", 3).shape == (3, 0, 3)
+        assert la.predictive_distribution(empty, joint=True)[1].shape == (0, 0)
+        assert la.predictive_distribution(empty, diagonal_output=True)[1].shape == (0, 3)
+        assert la.jacobians(empty)[0].shape == (0, 3, la.n_params)
     with pytest.raises(NotImplementedError, match="functional_samples"):
         sc.sample(3)
     # ScaLLA's "nn" is its GLM draws (no weight-space posterior)
