@@ -408,7 +408,8 @@ class ExactLLA(LaplaceBase):
         L = self._diagonal_factor(d, s)
         JD = J / d
         B, C, NC = J.shape[0], J.shape[1], self._jhat.shape[0]
-        V = torch.linalg.solve_triangular(L, (JD @ self._jhat.mT).reshape(B * C, NC).mT, upper=False)
+        kxX = (JD @ self._jhat.mT).reshape(B * C, NC)
+        V = torch.linalg.solve_triangular(L, kxX.mT, upper=False)
         V = V.reshape(NC, B, C).permute(1, 0, 2)  # (B, NC, C)
         if diagonal:
             return (JD * J).sum(-1) - s * V.square().sum(1)

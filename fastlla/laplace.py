@@ -932,7 +932,8 @@ class LaplaceBase:
             C, kw = n_outputs or 1, {"dtype": self.dtype, "device": self.device}
             if joint:
                 return torch.empty(0, **kw), torch.empty(0, 0, **kw)
-            return torch.empty(0, C, **kw), torch.empty((0, C) if diagonal_output else (0, C, C), **kw)
+            shape = (0, C) if diagonal_output else (0, C, C)
+            return torch.empty(0, C, **kw), torch.empty(shape, **kw)
         delta, scale = self._delta(), self.data_scale
         if diagonal_output:
             f, cov = self._outputs_and_variance(x, delta, scale)
@@ -1002,7 +1003,7 @@ class LaplaceBase:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
         if pred_type is PredType.NN:
             if link is not LinkApprox.MC:
-                raise ValueError("fastlla: pred_type='nn' needs link_approx='mc' (as laplace-torch)")
+                raise ValueError("fastlla: pred_type='nn' needs link_approx='mc'")
             if regression and int(n_samples) < 2:
                 raise ValueError("fastlla: a sampled regression variance needs n_samples >= 2")
             f = self.functional_samples(x, "nn", n_samples, generator=generator, fitting=fitting)
@@ -1079,7 +1080,7 @@ class LaplaceBase:
             raise ValueError(f"fastlla: n_samples must be at least 1, got {n_samples}")
         if pred_type is PredType.NN:
             return self._nn_functional_samples(x, int(n_samples), generator, fitting)
-        mean, cov = self.predictive_distribution(x, diagonal_output=diagonal_output, fitting=fitting)
+        mean, cov = self.predictive_distribution(x, False, diagonal_output, fitting)
         return gaussian_samples(mean, cov, n_samples, generator)
 
     def predictive_samples(

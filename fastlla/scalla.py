@@ -402,7 +402,9 @@ class ScaLLA(LaplaceBase):
         it, as it does whenever it is iterated).
         """
         if isinstance(context_loader, bool):  # laplace-torch's fit(train_loader, override)
-            raise TypeError("fastlla: ScaLLA.fit's second argument is context_loader; pass override=")
+            raise TypeError(
+                "fastlla: ScaLLA.fit's second argument is context_loader; pass override="
+            )
         if not override and self._fitted:
             return self.update(train_loader, progress_bar)
         auto = isinstance(iterations, str)
@@ -925,7 +927,7 @@ class ScaLLA(LaplaceBase):
         """
         if self.surrogate is None or self.n_outputs is None:
             raise RuntimeError("fastlla: call ScaLLA.fit(train_loader) first")
-        x = to_device(x, self.device, self.dtype)
+        x = to_device(self._model_input(x), self.device, self.dtype)
         check_finite("the inputs", x)
         with torch.no_grad():
             phi = self._surrogate_features(x).double()
