@@ -26,7 +26,7 @@ from . import _ops
 from .functional import NetworkFunction, batch_size, call_module, slice_batch
 from .laplace import LaplaceBase, _state_int, _state_tensor
 from .posterior import FeaturePosterior, psd_safe_cholesky
-from .predictive import Likelihood
+from .predictive import Likelihood, standard_normal
 
 __all__ = ["ExactLLA", "softmax_hessian_factor"]
 
@@ -68,6 +68,7 @@ class ExactLLA(LaplaceBase):
     """
 
     _curvature_source = "ExactLLA computes the exact GGN from full Jacobians"
+    _supports_reward_modeling = True
 
     def __init__(
         self,
@@ -234,21 +235,35 @@ class ExactLLA(LaplaceBase):
             )
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, train_loader: Iterable, progress_bar: bool = False) -> ExactLLA:
+    def fit(
+        self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
+    ) -> ExactLLA:
         """Accumulate the exact GGN (or NTK Gram) over ``train_loader``.
+
+        ``override=False`` (laplace-torch's online accumulation) adds the loader's data to an
+        earlier fit — the GGN (or ``Ĵ``'s rows), the log-likelihood and ``n_data`` grow, in the
+        earlier fit's form — which equals one fit over all the data; the model must be unchanged
+        since that fit (fastlla's posterior belongs to one ``θ*``; laplace-torch also
+        accumulates across a retrained model). Without an earlier fit it is a plain fit.
 
         Everything is computed before anything is stored: a fit that fails (an empty loader,
         NaN outputs in a later batch, ...) leaves the estimator, an earlier fit included, as it
         was.
         """
-        if self._pending_last_layer:
-            self._locate_last_layer(next(iter(self._batches(train_loader)))[0])
-        form = self._resolve_form(train_loader)
-        self._check_memory(form, train_loader)
+        accumulate = not override and self._fitted
+        if accumulate:
+            self._check_fitted()  # raises if the model changed since the earlier fit
+            form = self.fitted_form
+        else:
+            if self._pending_last_layer:
+                self._locate_last_layer(next(iter(self._batches(train_loader)))[0])
+            form = self._resolve_form(train_loader)
+            self._check_memory(form, train_loader)
         P = self.n_params
         G = torch.zeros(P, P, dtype=self.dtype, device=self.device) if form == "weight" else None
         classification = self.likelihood is Likelihood.CLASSIFICATION
-        rows, n_outputs, n_data, stat = [], None, 0, 0.0
+        rows, n_data, stat = [], 0, 0.0
+        n_outputs = self.n_outputs if accumulate else None
         for x, y in tqdm(self._batches(train_loader), disable=not progress_bar, desc="ExactLLA"):
             f = self.network.output(x)
             self._check_outputs(f, y, n_outputs)
@@ -263,6 +278,12 @@ class ExactLLA(LaplaceBase):
             else:
                 Jhat = softmax_hessian_factor(f).mT @ J if classification else J
                 rows.append(Jhat.reshape(-1, P))
+        if accumulate:
+            if form == "weight":
+                G += self.posterior.H
+            else:
+                rows.insert(0, self._jhat)
+            n_data, stat = n_data + self.n_data, stat + self._loglik_stat
         posterior = FeaturePosterior(G) if form == "weight" else None
         jhat = None if form == "weight" else torch.cat(rows)
         self._commit(
@@ -369,6 +390,98 @@ class ExactLLA(LaplaceBase):
         if int(info) != 0:
             raise ValueError("fastlla: the posterior precision is not positive definite")
         return 2.0 * torch.diagonal(L).log().sum() - offset
+
+    # ------------------------------------------------------------------ variances, samples
+    def _jacobian_covariance(self, J: Tensor, diagonal: bool = False) -> Tensor:
+        """``J P⁻¹ Jᵀ`` (B, C, C) for Jacobians ``J`` (B, C, P) at the current ``(δ, σ)`` —
+        ``diagonal``: only its diagonal (B, C), as row sums of squares, no ``C×C`` block."""
+        delta, s = self._delta(), self.data_scale
+        if self.posterior is not None:
+            phi = J.mT.contiguous()
+            if not isinstance(delta, Tensor):
+                op = self.posterior.variance if diagonal else self.posterior.covariance
+                return op(phi, delta, s)
+            L = self._diagonal_factor(delta, s)
+            return (_ops.predictive_variance if diagonal else _ops.predictive_covariance)(L, phi)
+        # function space: J D⁻¹ Jᵀ − s (J D⁻¹ Ĵᵀ)(I + s Ĵ D⁻¹ Ĵᵀ)⁻¹(Ĵ D⁻¹ Jᵀ)
+        d = self._prior_diagonal().to(self.dtype)
+        L = self._diagonal_factor(d, s)
+        JD = J / d
+        B, C, NC = J.shape[0], J.shape[1], self._jhat.shape[0]
+        kxX = (JD @ self._jhat.mT).reshape(B * C, NC)
+        V = torch.linalg.solve_triangular(L, kxX.mT, upper=False)
+        V = V.reshape(NC, B, C).permute(1, 0, 2)  # (B, NC, C)
+        if diagonal:
+            return (JD * J).sum(-1) - s * V.square().sum(1)
+        return JD @ J.mT - s * (V.mT @ V)
+
+    def _outputs_and_variance(self, x: Any, delta: Any, scale: float) -> tuple[Tensor, Tensor]:
+        return self.network.output(x), self._jacobian_covariance(self._jacobians(x), True)
+
+    def _outputs_and_joint_covariance(
+        self, x: Any, delta: Any, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        J = self._jacobians(x)
+        B, C, P = J.shape
+        return self.network.output(x), self._jacobian_covariance(J.reshape(1, B * C, P))[0]
+
+    def _jacobians_and_outputs(self, x: Any) -> tuple[Tensor, Tensor]:
+        return self._jacobians(x), self.network.output(x)
+
+    def _posterior_mean(self) -> Tensor:
+        return self._theta()
+
+    def _posterior_ggn(self) -> Tensor:
+        if self.posterior is not None:
+            return self.posterior.H
+        G = self._jhat.mT @ self._jhat  # Ĵ Ĵᵀ's counterpart in weight space, P × P
+        return 0.5 * (G + G.mT)
+
+    def _weight_samples(self, n_samples: int, generator: torch.Generator) -> Tensor:
+        """``θ* + S ε`` (laplace-torch's draw: ``S`` the :attr:`posterior_scale`, ``ε`` drawn
+        as (S, P) from ``generator``) in weight space; in function space, where no ``P×P``
+        matrix is formed, Matheron's rule on (S, P + N·C) draws (:meth:`_function_space_draws`)."""
+        P = self.n_params
+        if self.posterior is not None:
+            eps = standard_normal((n_samples, P), generator, self.dtype, self.device)
+            return self._theta() + eps @ self.posterior_scale.mT
+        NC = self._jhat.shape[0]
+        eps = standard_normal((n_samples, P + NC), generator, self.dtype, self.device)
+        return self._theta() + self._function_space_draws(eps)
+
+    def _function_space_draws(self, eps: Tensor) -> Tensor:
+        """Draws of ``N(0, P⁻¹)`` (S, P) from standard normals ``eps`` (S, P + N·C) without a
+        ``P×P`` matrix: a prior draw ``u = D^{-1/2} ε₁`` and noise ``e = s^{-1/2} ε₂`` give
+        ``u − D⁻¹Ĵᵀ(ĴD⁻¹Ĵᵀ + I/s)⁻¹(Ĵu + e)``, whose covariance is ``(sĴᵀĴ + D)⁻¹``."""
+        P, s = self.n_params, self.data_scale
+        d = self._prior_diagonal().to(self.dtype)
+        u = eps[:, :P] / d.sqrt()
+        r = self._jhat @ u.mT + eps[:, P:].mT / s**0.5  # (NC, S)
+        z = torch.cholesky_solve(r, self._diagonal_factor(d, s))  # (I + sĴD⁻¹Ĵᵀ)⁻¹ r
+        return u - s * (self._jhat.mT @ z).mT / d
+
+    def _nn_functional_samples(
+        self, x: Any, n_samples: int, generator: torch.Generator, fitting: bool
+    ) -> Tensor:
+        """The network at :meth:`sample`'s weights (S, B, C), run on a private binding of the
+        parameters (the model's own are never changed)."""
+        x = self._prediction_inputs(x, fitting)
+        if batch_size(x) == 0:  # the network is not run on a batch of no inputs
+            C = self._expected_outputs(fitting) or 1
+            return torch.empty(n_samples, 0, C, dtype=self.dtype, device=self.device)
+        thetas = self._weight_samples(n_samples, generator)
+        with torch.no_grad():
+            f = torch.stack([self.network(self._params_at(theta), x) for theta in thetas])
+        self._check_outputs(f.reshape(-1, f.shape[-1]), n_outputs=self._expected_outputs(fitting))
+        return f
+
+    def _params_at(self, theta: Tensor) -> dict[str, Tensor]:
+        """The network's parameters with the posterior's entries set to ``theta``."""
+        if self._columns is None:
+            return self.network.unflatten(theta)
+        flat = self.network.flat_params().clone()
+        flat[self._columns] = theta
+        return self.network.unflatten(flat)
 
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict[str, Any]:

@@ -91,6 +91,8 @@ class Predictor(nn.Module):
             surrogate = copy.deepcopy(surrogate, memo)
             residual_head = copy.deepcopy(residual_head, memo)
         self.likelihood = Likelihood.parse(likelihood)
+        if self.likelihood is Likelihood.REWARD_MODELING:
+            raise NotImplementedError("fastlla: the Predictor does not implement reward modelling")
         classification = self.likelihood is Likelihood.CLASSIFICATION
         if output == "auto":
             output = "probit" if classification else "gaussian"

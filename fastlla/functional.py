@@ -4,13 +4,16 @@
 respect to the parameters that count for the Laplace approximation — those with
 ``requires_grad=True``, as in laplace-torch — while frozen parameters and buffers (BatchNorm
 running statistics, in eval mode) stay constant. Inputs may be a tensor, a tuple of tensors
-(passed as positional arguments) or a dict of tensors (passed as keyword arguments).
+(passed as positional arguments) or a dict of tensors (passed as keyword arguments; the
+estimators pass a dict as the one argument of a ``forward(self, data)``, laplace-torch's
+convention, as the tuple ``(x,)``: :func:`takes_mapping`).
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -24,24 +27,40 @@ __all__ = ["NetworkFunction", "call_module", "batch_size", "slice_batch", "conca
 Inputs = Any  # Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
 
 
+def _nested(x: Any) -> bool:
+    return isinstance(x, (Mapping, tuple, list))
+
+
+def _map_batch(fn: Any, x: Any) -> Any:
+    """``fn`` applied to every tensor of a (nested) batch, the structure kept."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        return {k: _map_batch(fn, v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_batch(fn, v) for v in x)
+    return x
+
+
+def _tensors(x: Any) -> Iterator[Tensor]:
+    """The tensors of a (nested) batch, in order."""
+    if isinstance(x, Tensor):
+        yield x
+    elif _nested(x):
+        for v in x.values() if isinstance(x, Mapping) else x:
+            yield from _tensors(v)
+
+
 def batch_size(x: Inputs) -> int:
     """Number of inputs in a batch (the leading size of its first tensor)."""
-    if isinstance(x, Tensor):
-        return x.shape[0]
-    values = x.values() if isinstance(x, Mapping) else x
-    for v in values:
-        if isinstance(v, Tensor):
-            return v.shape[0]
+    for v in _tensors(x):
+        return v.shape[0]
     raise TypeError("fastlla: an input batch must contain at least one tensor")
 
 
 def slice_batch(x: Inputs, start: int, stop: int) -> Inputs:
     """Inputs ``start:stop`` of a batch (every tensor sliced along its leading dimension)."""
-    if isinstance(x, Tensor):
-        return x[start:stop]
-    if isinstance(x, Mapping):
-        return {k: v[start:stop] if isinstance(v, Tensor) else v for k, v in x.items()}
-    return type(x)(v[start:stop] if isinstance(v, Tensor) else v for v in x)
+    return _map_batch(lambda t: t[start:stop], x)
 
 
 def concat_batches(a: Inputs, b: Inputs) -> Inputs:
@@ -49,36 +68,53 @@ def concat_batches(a: Inputs, b: Inputs) -> Inputs:
     if isinstance(a, Tensor):
         return torch.cat([a, b])
     if isinstance(a, Mapping):
-        return {k: torch.cat([v, b[k]]) if isinstance(v, Tensor) else v for k, v in a.items()}
-    return type(a)(torch.cat([u, v]) if isinstance(u, Tensor) else u for u, v in zip(a, b))
+        return {k: concat_batches(v, b[k]) if _nested(v) or isinstance(v, Tensor) else v
+                for k, v in a.items()}  # fmt: skip
+    return type(a)(concat_batches(u, v) if _nested(u) or isinstance(u, Tensor) else u
+                   for u, v in zip(a, b))  # fmt: skip
 
 
 def to_device(x: Inputs, device: torch.device, dtype: torch.dtype | None = None) -> Inputs:
     """Move every tensor of a batch to ``device`` (floating tensors also to ``dtype``)."""
 
     def move(t):
-        if not isinstance(t, Tensor):
-            return t
         if dtype is not None and t.is_floating_point():
             return t.to(device=device, dtype=dtype)
         return t.to(device=device)
 
-    if isinstance(x, Tensor):
-        return move(x)
-    if isinstance(x, Mapping):
-        return {k: move(v) for k, v in x.items()}
-    return type(x)(move(v) for v in x)
+    return _map_batch(move, x)
 
 
 def check_finite(name: str, x: Inputs) -> None:
     """Raise ``ValueError`` if any floating tensor of ``x`` holds NaN or Inf."""
-    values = [x] if isinstance(x, Tensor) else (x.values() if isinstance(x, Mapping) else x)
-    for v in values:
-        if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+    for v in _tensors(x):
+        if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"fastlla: {name} contains NaN or Inf values")
 
 
-def call_module(module: nn.Module, x: Inputs) -> Any:
+def takes_mapping(module: nn.Module, x: Mapping) -> bool:
+    """Whether ``module``'s forward takes the dict batch ``x`` as its one argument
+    (laplace-torch's convention, ``forward(self, data)``) rather than as keyword arguments
+    (``forward(self, input_ids, ...)``): decided by binding ``x`` to the forward's signature —
+    as keywords first; as one positional argument where only that binds. The estimators then
+    pass such a batch as the one-element tuple ``(x,)``."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return False
+    try:
+        signature.bind(**x)
+        return False
+    except TypeError:
+        pass
+    try:
+        signature.bind(x)
+        return True
+    except TypeError:
+        return False
+
+
+def call_module(module: Any, x: Inputs) -> Any:
     """``module(x)``, ``module(*x)`` or ``module(**x)`` for a tensor, tuple or dict batch."""
     if isinstance(x, Tensor):
         return module(x)

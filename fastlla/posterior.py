@@ -25,6 +25,7 @@ __all__ = [
     "FeaturePosterior",
     "compress_factor",
     "kron_covariance",
+    "precision_to_scale_tril",
 ]
 
 # Relative jitter first tried when a Cholesky factorisation fails (×10 per retry).
@@ -71,6 +72,16 @@ def psd_safe_cholesky(A: Tensor, warn: bool = True) -> Tensor:
         f"fastlla: matrix of size {n} is not positive definite, even with jitter "
         f"{jitter / 10:.1e}·mean(diag); check the inputs and the prior precision"
     )
+
+
+def precision_to_scale_tril(P: Tensor) -> Tensor:
+    """Lower-triangular ``S`` with ``SSᵀ = P⁻¹`` for a symmetric positive definite ``P``, as
+    ``torch.distributions``' ``_precision_to_scale_tril`` (laplace-torch's ``posterior_scale``):
+    ``L`` the Cholesky factor of ``P`` with rows and columns reversed, ``S = (flip(L)ᵀ)⁻¹``."""
+    Lf = psd_safe_cholesky(torch.flip(P, (-2, -1)))
+    L_inv = torch.transpose(torch.flip(Lf, (-2, -1)), -2, -1)
+    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    return torch.linalg.solve_triangular(L_inv, eye, upper=False)
 
 
 class FeaturePosterior:

@@ -33,6 +33,9 @@ __all__ = [
     "predictive_entropy",
     "max_probability",
     "gaussian_logit_entropy",
+    "PredType",
+    "standard_normal",
+    "gaussian_samples",
 ]
 
 
@@ -51,7 +54,7 @@ class _Option(str, Enum):
 
     @classmethod
     def _option_name(cls) -> str:
-        return "likelihood" if cls is Likelihood else "link_approx"
+        return {Likelihood: "likelihood", PredType: "pred_type"}.get(cls, "link_approx")
 
 
 class Likelihood(_Option):
@@ -61,6 +64,19 @@ class Likelihood(_Option):
     """Categorical over ``softmax(f(x))``; the GGN uses the softmax Hessian."""
     REGRESSION = "regression"
     """Gaussian ``N(f(x), σ² I)``; the GGN uses ``I/σ²``."""
+    REWARD_MODELING = "reward_modeling"
+    """laplace-torch's reward modelling: fitted as classification over preference pairs (the
+    model maps ``(B, 2, ...)`` pairs to ``(B, 2)`` logits), predicted as regression of the
+    reward (``(B, ...)`` inputs to ``(B, 1)``) without observation noise."""
+
+
+class PredType(_Option):
+    """Which predictive: the linearized network's, or the network's own at sampled weights."""
+
+    GLM = "glm"
+    """The linearized network ``f(x) + J(x)(θ − θ*)`` under the Gaussian posterior."""
+    NN = "nn"
+    """The network itself at weights sampled from the posterior (Monte Carlo)."""
 
 
 class LinkApprox(_Option):
@@ -81,17 +97,21 @@ class LinkApprox(_Option):
     """Monte-Carlo average of ``softmax`` over samples of ``N(μ, Σ)``."""
 
 
+def _variances(cov: Tensor) -> Tensor:
+    """The variances (B, C) of ``cov``: (B, C, C) covariances, or (B, C) variances already."""
+    return cov if cov.dim() == 2 else torch.diagonal(cov, dim1=-2, dim2=-1)
+
+
 def log_probit(mean: Tensor, cov: Tensor) -> Tensor:
     """Log-probabilities of the probit approximation, (B, C): a log-softmax, finite for any
     finite logits (no probability underflows to ``log 0``)."""
-    var = torch.diagonal(cov, dim1=-2, dim2=-1)
-    return torch.log_softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+    return torch.log_softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * _variances(cov)), dim=-1)
 
 
 def probit(mean: Tensor, cov: Tensor) -> Tensor:
-    """Probit approximation; ``mean`` (B, C), ``cov`` (B, C, C) → probabilities (B, C)."""
-    var = torch.diagonal(cov, dim1=-2, dim2=-1)
-    return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+    """Probit approximation; ``mean`` (B, C), ``cov`` (B, C, C) or the variances (B, C) →
+    probabilities (B, C)."""
+    return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * _variances(cov)), dim=-1)
 
 
 def _bridge_log_alpha(mean: Tensor, cov: Tensor) -> Tensor:
@@ -213,6 +233,37 @@ def class_probabilities(
     if link is LinkApprox.MC:
         return monte_carlo(mean, cov, n_samples=n_samples, seed=seed)
     return laplace_bridge(mean, cov, link)
+
+
+# --------------------------------------------------------------------------- sampling
+def standard_normal(
+    shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``N(0, 1)`` draws of ``shape`` from ``generator`` (on the generator's device, then moved
+    to ``device``): the global RNG is neither read nor advanced."""
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def gaussian_samples(
+    mean: Tensor, cov: Tensor, n_samples: int, generator: torch.Generator
+) -> Tensor:
+    """Draws of ``N(mean_b, cov_b)`` for each input ``b``, independent across inputs.
+
+    ``mean`` (B, C); ``cov`` (B, C, C), or (B, C) variances (a diagonal covariance: the
+    ``C×C`` matrices are never formed). Returns (S, B, C). The standard normals are drawn as
+    (B, C, S) from ``generator``: for one input they are the draws of laplace-torch's
+    ``normal_samples`` with the same generator (laplace-torch reuses one (C, S) draw for every
+    input of a batch). A full ``cov`` is factorised by :func:`~fastlla.posterior.psd_safe_cholesky`.
+    """
+    if int(n_samples) < 1:
+        raise ValueError(f"fastlla: n_samples must be at least 1, got {n_samples}")
+    B, C = mean.shape
+    eps = standard_normal((B, C, int(n_samples)), generator, mean.dtype, mean.device)
+    if cov.dim() == 2:
+        f = mean.unsqueeze(-1) + cov.clamp_min(0.0).sqrt().unsqueeze(-1) * eps
+    else:
+        f = mean.unsqueeze(-1) + psd_safe_cholesky(cov) @ eps
+    return f.permute(2, 0, 1)
 
 
 # --------------------------------------------------------------------------- OOD scores

@@ -95,7 +95,10 @@ class ScaLLA(LaplaceBase):
     The leading parameters are laplace-torch's ``BaseLaplace``'s, in its order (see
     :class:`fastlla.laplace.LaplaceBase`); ``prior_precision`` must be a scalar (the posterior
     is over the surrogate's features, not the parameters). ScaLLA's own options are
-    keyword-only.
+    keyword-only. laplace-torch's posterior properties (``n_params``, ``mean``,
+    ``posterior_precision``, ...) describe that ``M``-dimensional posterior over the weights
+    ``w`` of ``f(x) + g(x)ᵀw``; there are no weight samples (``sample`` raises), and
+    ``pred_type="nn"`` draws the linearized network's outputs instead.
 
     Parameters
     ----------
@@ -352,6 +355,7 @@ class ScaLLA(LaplaceBase):
         ema: float | None = None,
         augment: Any = "auto",
         time_budget: float = 120.0,
+        override: bool = True,
     ) -> ScaLLA:
         """Train the surrogate kernel on JVPs, then form the feature-space posterior.
 
@@ -386,6 +390,8 @@ class ScaLLA(LaplaceBase):
             the gap 0.38 → 0.85, exact LLA 1.29; diabetes unchanged) — and nothing for
             classification (mixed images worsened the digits kernel error).
         time_budget : seconds of kernel matching for ``iterations="auto"``.
+        override : laplace-torch's: ``False`` adds ``train_loader``'s data to an earlier fit
+            without retraining the surrogate — :meth:`update` (a plain fit without one).
 
         ``train_loader`` (and ``context_loader``) are read several times, so they must be
         re-iterable (a ``DataLoader``, a list of batches), not one-shot iterators. A fit that
@@ -395,6 +401,12 @@ class ScaLLA(LaplaceBase):
         torch RNG is untouched (a ``DataLoader`` without ``generator=`` draws its own seed from
         it, as it does whenever it is iterated).
         """
+        if isinstance(context_loader, bool):  # laplace-torch's fit(train_loader, override)
+            raise TypeError(
+                "fastlla: ScaLLA.fit's second argument is context_loader; pass override="
+            )
+        if not override and self._fitted:
+            return self.update(train_loader, progress_bar)
         auto = isinstance(iterations, str)
         with self._all_or_nothing(self.surrogate):  # trained in place: restored on failure
             self._fit(
@@ -701,7 +713,7 @@ class ScaLLA(LaplaceBase):
             if isinstance(batch, Mapping):  # a dict batch: every entry but the target is input
                 batch = {k: v for k, v in batch.items() if k != self.dict_key_y}
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = to_device(x, self.device, self.dtype)
+            x = to_device(self._model_input(x), self.device, self.dtype)
             check_finite("the inputs of context_loader", x)
             if batch_size(x) == 0:
                 continue
@@ -862,6 +874,46 @@ class ScaLLA(LaplaceBase):
             )
         return cov
 
+    # ------------------------------------------------------------------ laplace-torch's API
+    @property
+    def n_params(self) -> int:
+        """``M``: the posterior is over the weights ``w`` of ``f(x) + g(x)ᵀw`` (the surrogate's
+        features), not the network's parameters."""
+        return self.n_features
+
+    def _dense_features(self, features: PredictiveFeatures) -> Tensor:
+        """All ``M`` features (B, M, C), the exact last-layer block ``a ⊗ I_C`` written out."""
+        if features.kron is None:
+            return features.phi
+        B, _, C = features.phi.shape
+        eye = torch.eye(C, dtype=features.phi.dtype, device=features.phi.device)
+        exact = (features.kron.to(eye.dtype)[:, :, None, None] * eye).reshape(B, -1, C)
+        return torch.cat([features.phi, exact], dim=1)
+
+    def _outputs_and_variance(self, x: Any, delta: Any, scale: float) -> tuple[Tensor, Tensor]:
+        f, feats = self._outputs_and_features(x)
+        var = self.posterior.variance(feats.phi, delta, scale, feats.kron)
+        if feats.residual is not None:  # the residual block is formed per input (its diagonal kept)
+            var = var + torch.diagonal(feats.residual, dim1=-2, dim2=-1).to(var.dtype) / delta
+        return f, var
+
+    def _outputs_and_joint_covariance(
+        self, x: Any, delta: Any, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        """The joint covariance of the feature posterior; the residual-variance correction,
+        per input, enters its diagonal blocks only (FITC: no residual covariance across inputs)."""
+        f, feats = self._outputs_and_features(x)
+        phi = self._dense_features(feats)
+        B, M, C = phi.shape
+        cov = self.posterior.covariance(phi.permute(1, 0, 2).reshape(1, M, B * C), delta, scale)[0]
+        if feats.residual is not None:
+            cov = cov + torch.block_diag(*feats.residual.to(cov.dtype)) / delta
+        return f, cov
+
+    def _jacobians_and_outputs(self, x: Any) -> tuple[Tensor, Tensor]:
+        f, feats = self._outputs_and_features(x)
+        return self._dense_features(feats).mT, f
+
     # ------------------------------------------------------------------ diagnostics
     def kernel_fidelity(
         self, x: Any, method: str = "auto", n_projections: int = 64, seed: int = 12345,
@@ -875,7 +927,7 @@ class ScaLLA(LaplaceBase):
         """
         if self.surrogate is None or self.n_outputs is None:
             raise RuntimeError("fastlla: call ScaLLA.fit(train_loader) first")
-        x = to_device(x, self.device, self.dtype)
+        x = to_device(self._model_input(x), self.device, self.dtype)
         check_finite("the inputs", x)
         with torch.no_grad():
             phi = self._surrogate_features(x).double()

@@ -199,7 +199,8 @@ class LastLayerSurrogate(nn.Module):
         return call_module(self.learned, x)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        x = args[0] if len(args) == 1 and not kwargs else (kwargs if kwargs else args)
+        one = len(args) == 1 and isinstance(args[0], Tensor) and not kwargs
+        x = args[0] if one else (kwargs or args)
         psi = self.psi(x)
         learned = self.learned_features(x, psi)
         return torch.cat([learned, self.exact_features(x, psi).to(learned.dtype)], dim=1)
@@ -343,7 +344,8 @@ class GatedSurrogate(nn.Module):
         return torch.einsum("bjm,bcj->bmc", H, gated) * self.output_scale
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        x = args[0] if len(args) == 1 and not kwargs else (kwargs if kwargs else args)
+        one = len(args) == 1 and isinstance(args[0], Tensor) and not kwargs
+        x = args[0] if one else (kwargs or args)
         phi = penultimate(self._model[0], self.head_name, x, bias=False)
         return self.features(phi, *args, **kwargs)
 
