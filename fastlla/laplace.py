@@ -753,10 +753,7 @@ class LaplaceBase:
             grid = [_positive_float("grid value", d) for d in grid]
             if not grid:
                 raise ValueError("fastlla: the prior-precision grid is empty")
-            if loss is None:
-                self._gridsearch(val_loader, grid, link_approx)
-            else:
-                self._gridsearch_loss(val_loader, grid, loss, link_approx, n_samples, progress_bar)
+            self._gridsearch(val_loader, grid, loss, link_approx, n_samples, progress_bar)
         else:
             raise ValueError(f"fastlla: unknown method {method!r}; use 'marglik' or 'gridsearch'")
         if verbose:
@@ -788,7 +785,7 @@ class LaplaceBase:
         progress_bar: bool,
     ) -> None:
         """laplace-torch's marglik tuning: Adam on ``log δ`` (and ``log σ``)."""
-        if init.numel() == 1 and structure != "scalar":
+        if init.numel() == 1:  # a scalar init with prior_structure 'scalar' never comes here
             n_layers = self._n_layers()
             if structure == "layerwise" and n_layers is None:
                 raise ValueError(
@@ -811,77 +808,66 @@ class LaplaceBase:
         self.prior_precision = delta
         self.sigma_noise = sigma
 
-    def _gridsearch_loss(
+    def _gridsearch(
         self, val_loader: Iterable, grid: list[float], loss: Any, link: str, n_samples: int,
         progress_bar: bool,
     ) -> None:
-        """Grid search scored by a user ``loss`` (laplace-torch's ``validate``)."""
+        """Set ``δ`` to the first grid value of least validation score (laplace-torch's
+        ``gridsearch``): the summed predictive NLL in log space, or a user ``loss``."""
         online = all(hasattr(loss, a) for a in ("update", "compute"))
-        if not online and not callable(loss):
+        if loss is not None and not online and not callable(loss):
             raise TypeError("fastlla: loss must be a metric (update/compute) or a callable")
-        cached = []
+        cached = []  # the network runs once; only the covariance depends on δ
         for x, y in self._batches(val_loader, "val_loader"):
             f, feats = self._outputs_and_features(x)
             self._check_outputs(f, y)
             cached.append((f, feats, y))
         best, best_value = None, math.inf
         for delta in tqdm(grid, disable=not progress_bar, desc="gridsearch"):
-            if online and hasattr(loss, "reset"):
-                loss.reset()
-            outputs, targets = [], []
-            for f, feats, y in cached:
-                cov = self._covariance_from_features(feats, delta, self.data_scale)
-                if self.likelihood is Likelihood.CLASSIFICATION:
-                    out = (class_probabilities(f, cov, link, n_samples=n_samples),)
-                else:
-                    out = (f, cov)
-                if online:
-                    try:
-                        loss.update(*out, y)
-                    except TypeError:  # a metric of (prediction, target) only
-                        loss.update(out[0], y)
-                else:
-                    outputs.append(out)
-                    targets.append(y)
-            if online:
-                value = float(torch.as_tensor(loss.compute()).sum())
+            covs = [self._covariance_from_features(feats, delta, self.data_scale) for _, feats, _ in cached]
+            if loss is None:
+                value = sum(
+                    float(self._nll_sum(f, cov, y, link, n_samples))
+                    for (f, _, y), cov in zip(cached, covs)
+                )
             else:
-                columns = [torch.cat(c) for c in zip(*outputs)]
-                value = float(torch.as_tensor(loss(*columns, torch.cat(targets))).sum())
+                value = self._loss_value(loss, online, cached, covs, link, n_samples)
             if value < best_value:
                 best, best_value = delta, value
         if best is None:
-            raise ValueError("fastlla: every prior precision of the grid gave a non-finite loss")
+            raise ValueError("fastlla: every prior precision of the grid gave a non-finite score")
         self.prior_precision = best
 
-    def _gridsearch(self, val_loader: Iterable, grid: Iterable[float] | None, link: str) -> None:
-        grid = [float(d) for d in (grid if grid is not None else torch.logspace(-4, 4, 21))]
-        if not grid:
-            raise ValueError("fastlla: the prior-precision grid is empty")
-        cached = []
-        for x, y in self._batches(val_loader, "val_loader"):
-            f, feats = self._outputs_and_features(x)
-            self._check_outputs(f, y)
-            cached.append((f, feats, y))
-        best, best_nll = None, math.inf
-        for delta in grid:
-            delta = _positive_float("grid value", delta)
-            total, count = 0.0, 0
-            for f, feats, y in cached:
-                cov = self._covariance_from_features(feats, delta, self.data_scale)
-                total += float(self._nll_sum(f, cov, y, link))
-                count += f.shape[0]
-            nll = total / count
-            if nll < best_nll:
-                best, best_nll = delta, nll
-        if best is None:
-            raise ValueError("fastlla: every prior precision of the grid gave a non-finite NLL")
-        self.prior_precision = best
+    def _loss_value(
+        self, loss: Any, online: bool, cached: list, covs: list[Tensor], link: str, n_samples: int
+    ) -> float:
+        """A user ``loss`` over the validation set: a metric updated per batch, or a callable
+        of the whole set's predictions (probabilities, or mean and covariance)."""
+        if online and hasattr(loss, "reset"):
+            loss.reset()
+        outputs, targets = [], []
+        for (f, _, y), cov in zip(cached, covs):
+            if self.likelihood is Likelihood.CLASSIFICATION:
+                out = (class_probabilities(f, cov, link, n_samples=n_samples),)
+            else:
+                out = (f, cov)
+            if online:
+                try:
+                    loss.update(*out, y)
+                except TypeError:  # a metric of (prediction, target) only
+                    loss.update(out[0], y)
+            else:
+                outputs.append(out)
+                targets.append(y)
+        if online:
+            return float(torch.as_tensor(loss.compute()).sum())
+        columns = [torch.cat(c) for c in zip(*outputs)]
+        return float(torch.as_tensor(loss(*columns, torch.cat(targets))).sum())
 
-    def _nll_sum(self, f: Tensor, cov: Tensor, y: Tensor, link: str) -> Tensor:
+    def _nll_sum(self, f: Tensor, cov: Tensor, y: Tensor, link: str, n_samples: int) -> Tensor:
         if self.likelihood is Likelihood.CLASSIFICATION:
             # log space: a confidently wrong point costs its (large, finite) −log p, never inf
-            logp = log_class_probabilities(f, cov, link)
+            logp = log_class_probabilities(f, cov, link, n_samples=n_samples)
             return -logp.gather(1, y.view(-1, 1).long()).double().sum()
         var = torch.diagonal(cov, dim1=-2, dim2=-1).double() + self.sigma_noise**2
         resid = y.reshape(f.shape).double() - f.double()
