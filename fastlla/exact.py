@@ -512,10 +512,16 @@ class ExactLLA(LaplaceBase):
             )
         saved = (self.network, self.last_layer_name, self._pending_last_layer, self._param_norm2)
         try:
-            if self._pending_last_layer and state.get("last_layer_name") is not None:
-                self.network = _linear_network(self.model, state["last_layer_name"])
-                self.last_layer_name, self._pending_last_layer = state["last_layer_name"], False
+            saved_layer = state.get("last_layer_name")
+            if self._pending_last_layer and saved_layer is not None:
+                self.network = _linear_network(self.model, saved_layer)
+                self.last_layer_name, self._pending_last_layer = saved_layer, False
                 self._param_norm2 = float(self._theta().double().square().sum())
+            elif saved_layer != self.last_layer_name:
+                raise ValueError(
+                    f"fastlla: state_dict is for the last layer {saved_layer!r}, this estimator's "
+                    f"is {self.last_layer_name!r}"
+                )
             base = self._validated_base_state(
                 state, ("form", "chunk_size"), ("H", "jhat", "subset_of_weights", "last_layer_name")
             )
