@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .posterior import kron_covariance
 from .predictive import Likelihood, laplace_bridge, probit
-from .surrogate import GatedSurrogate, LastLayerSurrogate
+from .surrogate import GatedSurrogate, InputOf, LastLayerSurrogate
 
 __all__ = ["Predictor"]
 
@@ -119,8 +119,10 @@ class Predictor(nn.Module):
         self.residual_head = residual_head.eval() if residual_head is not None else None
         if residual_head is not None:
             head_name = residual_head.head_name
-        if head_name is not None:
+        if head_name is not None and getattr(residual_head, "output_layer", True):
             self.trunk = _trunk_sharing_parameters(self.model, head_name)
+        elif head_name is not None:  # not the output layer: read its input as the network runs
+            self.trunk = InputOf(self.model, head_name)
         self.surrogate = surrogate.eval()
         for p in self.parameters():
             p.requires_grad_(False)

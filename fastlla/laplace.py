@@ -32,6 +32,9 @@ __all__ = ["LaplaceBase", "NotFittedError", "ModelChangedError"]
 PRIOR_STRUCTURES = ("scalar", "layerwise", "diag")
 
 
+#: Parameter dtypes the estimators refuse (:class:`LaplaceBase`).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 class NotFittedError(RuntimeError):
     """A predictive or posterior quantity was requested before ``fit``."""
 
@@ -165,6 +168,14 @@ class LaplaceBase:
                     UserWarning,
                     stacklevel=3,
                 )
+        low = sorted({str(p.dtype) for p in model.parameters() if p.dtype in LOW_PRECISION})
+        if low:
+            raise TypeError(
+                f"fastlla: the model has {'/'.join(low)} parameters; fastlla's estimators run "
+                "float32 or float64 networks only (their Jacobians, ops and linear algebra are not "
+                "implemented in half precision). Fit a float32 copy of the same weights, "
+                "copy.deepcopy(model).float(), and give it float32 inputs"
+            )
         self.network = self._make_network(model)
         first = next(p for p in model.parameters() if p.requires_grad)
         self.device, self.dtype = first.device, first.dtype
@@ -333,6 +344,13 @@ class LaplaceBase:
         the expected number of outputs, ``None`` for any."""
         if n_outputs is _UNSET:
             n_outputs = self.n_outputs
+        if f.dim() != 2:
+            raise ValueError(
+                f"fastlla: the model returns outputs of shape {tuple(f.shape)}; the Laplace "
+                "approximation needs one row of C outputs per input, (B, C). For a per-token "
+                "head (LLM-style (B, T, C)) wrap the model to return the last token's outputs, "
+                "model(x)[:, -1], or outputs pooled over tokens"
+            )
         if not torch.isfinite(f).all():
             raise ValueError("fastlla: the model's outputs contain NaN or Inf")
         if n_outputs is not None and f.shape[-1] != n_outputs:

@@ -239,6 +239,13 @@ class ScaLLA(LaplaceBase):
         head = getattr(self, "_head", None)
         return head if head is not None else NetworkHead.registered(self.model)
 
+    def _verified_head(self) -> bool:
+        """Whether the network has a verified output layer (:attr:`head`)."""
+        try:
+            return self.head.output_layer is not None
+        except ValueError:  # no nn.Linear at all
+            return False
+
     def _resolve_last_layer(self, n_outputs: int, context: bool) -> bool | int:
         """What ``last_layer="auto"`` means for this model (see the class docstring); an
         explicit ``True`` or rank is refused where the output layer is not verified."""
@@ -354,8 +361,8 @@ class ScaLLA(LaplaceBase):
                 warnings.warn(
                     f"fastlla: the network's output is not the output of an nn.Linear: "
                     f"{head.reason}. ScaLLA's default surrogate therefore assumes nothing about "
-                    "the output layer: no exact last-layer block, no gate, no residual head; its "
-                    f"features are learned from the input of {head.feature_layer!r}. Check "
+                    "the output layer: no exact last-layer block, no gate and no residual head by "
+                    f"default; its features are learned from the input of {head.feature_layer!r}. Check "
                     "kernel_fidelity, or pass surrogate=<nn.Module returning (B, M, C)>",
                     UserWarning,
                     stacklevel=4,
@@ -393,17 +400,20 @@ class ScaLLA(LaplaceBase):
         return torch.Generator().manual_seed(self.seed + offset)
 
     def _residual_head(self, n_outputs: int) -> ResidualHead:
-        """A new :class:`ResidualHead` on the verified output layer's input, initialised from
-        ``seed + 1``; ``ValueError`` where there is no verified output layer."""
+        """A new :class:`ResidualHead` on the input of the verified output layer (or, where
+        there is none, of the last ``nn.Linear`` the network runs), initialised from ``seed + 1``;
+        ``ValueError`` where the network runs no ``nn.Linear``."""
         head = self.head
-        if head.output_layer is None:
+        name = head.output_layer if head.output_layer is not None else head.feature_layer
+        if not name:
             raise ValueError(
-                f"fastlla: the residual head reads the input of the network's output layer, and "
+                "fastlla: the residual head reads the input of the network's last nn.Linear, and "
                 f"there is none: {head.reason}; use residual_variance='jvp' or False"
             )
         return ResidualHead(
-            self.model, n_outputs, generator=self._generator(1), head_name=head.output_layer
-        )
+            self.model, n_outputs, generator=self._generator(1), head_name=name,
+            output_layer=head.output_layer is not None,
+        )  # fmt: skip
 
     def _surrogate_features(self, x: Any) -> Tensor:
         phi = surrogate_features(self.surrogate, x)
@@ -582,7 +592,7 @@ class ScaLLA(LaplaceBase):
         rhead, r_opt, r_sched = None, None, None
         classification = self.likelihood is Likelihood.CLASSIFICATION
         mode = self.residual_variance
-        if mode == "head" or (mode == "auto" and classification):
+        if mode == "head" or (mode == "auto" and classification and self._verified_head()):
             try:
                 rhead = self.residual_head = self._residual_head(self.n_outputs)
             except ValueError:  # no nn.Linear to read penultimate features from

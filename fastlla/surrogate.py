@@ -608,9 +608,11 @@ class ResidualHead(nn.Module):
     """``R(x) ∈ R^{C×C}`` with ``R Rᵀ ≈ κ(x, x) − g(x)ᵀg(x)``: the NTK's diagonal block the
     surrogate's features miss, for the residual prior variance ``R Rᵀ/δ`` (FITC-style).
 
-    A small MLP on the network's own penultimate features ``[φ(x); 1]`` (the input of its
-    output layer ``head_name``, :func:`find_head`; default: its last registered ``nn.Linear``;
-    :func:`penultimate`). Trained beside the surrogate from the same JVPs: the
+    A small MLP on the network's own penultimate features ``[φ(x); 1]``: the input of its
+    ``nn.Linear`` ``head_name`` (:func:`penultimate`; default: the last registered one), the
+    verified output layer of :func:`find_head` (``output_layer=True``) or, where there is none,
+    its ``feature_layer`` (``output_layer=False``: an exported predictor then reads that input
+    with :class:`InputOf` rather than from the network with the layer removed). Trained beside the surrogate from the same JVPs: the
     per-input target ``(1/S) Σ_s z_s z_sᵀ − g gᵀ`` is unbiased for the residual block, so the
     squared error's gradient is unbiased too. Initial weights from
     ``generator`` (global RNG if ``None``).
@@ -619,10 +621,12 @@ class ResidualHead(nn.Module):
     def __init__(
         self, model: nn.Module, n_outputs: int, hidden: int = 128,
         generator: torch.Generator | None = None, head_name: str | None = None,
+        output_layer: bool = True,
     ):  # fmt: skip
         super().__init__()
         name = head_name if head_name is not None else last_linear(model)[0]
         linear = model.get_submodule(name)
+        self.output_layer = bool(output_layer)  # whether `name` gives the network's output
         self._model = (model,)
         self.head_name = name
         self.has_bias = linear.bias is not None

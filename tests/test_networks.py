@@ -1,0 +1,283 @@
+"""Networks as users bring them, read by running them: the output layer and penultimate features
+found by execution and verified (``f = W φ + b``), the fallback surrogate where that fails,
+per-token heads, half precision, and the default surrogate's size rule — each against ExactLLA
+or a count."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastlla
+from fastlla.surrogate import NetworkHead, default_surrogate_size, find_head
+
+D, H, C = 4, 16, 3
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small classifier trained on iris (standardised), its data and a loader."""
+    from sklearn.datasets import load_iris
+
+    Xn, yn = load_iris(return_X_y=True)
+    X = torch.tensor((Xn - Xn.mean(0)) / Xn.std(0), dtype=torch.float32)
+    y = torch.tensor(yn)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, C))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(X), y).backward()
+        opt.step()
+    loader = DataLoader(TensorDataset(X, y), batch_size=50)
+    return net.eval(), X, y, loader
+
+
+class HeadFirst(nn.Module):
+    """The function of ``net``, its head registered before the body, and a frozen identity
+    nn.Linear inside the body (the last *registered* Linear)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.head = net[2]
+        self.body = nn.Sequential(net[0], net[1], nn.Linear(H, H))
+        with torch.no_grad():
+            self.body[2].weight.copy_(torch.eye(H))
+            self.body[2].bias.zero_()
+        self.body[2].requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Transformed(nn.Module):
+    """``net``'s logits transformed after its last nn.Linear by ``how``."""
+
+    def __init__(self, net, how):
+        super().__init__()
+        self.net, self.how = net, how
+
+    def forward(self, x):
+        z = self.net(x)
+        if self.how == "affine":
+            return z * 2 + 1
+        if self.how == "reference":
+            return torch.cat([z[:, :2], torch.zeros_like(z[:, :1])], 1)
+        if self.how == "log_softmax":
+            return torch.log_softmax(z, -1)
+        raise AssertionError(self.how)
+
+
+class TwiceApplied(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.body, self.head, self.mix = net[:2], net[2], nn.Linear(C, H)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(self.head(self.body(x)))))
+
+
+def test_find_head_reads_the_network_by_running_it(trained):
+    net, X, _, _ = trained
+    assert find_head(net, X) == NetworkHead("2", "2", H, "", ("0", "1", "2"))
+    head = find_head(HeadFirst(copy.deepcopy(net)), X)  # registration order would say body.2
+    assert (head.output_layer, head.gate) == ("head", None)  # reads a Linear, not an activation
+    for how in ("affine", "reference", "log_softmax"):
+        head = find_head(Transformed(net, how), X)
+        assert head.output_layer is None and head.feature_layer == "net.2", how
+        assert "transformed after it" in head.reason or "values per input" in head.reason
+    head = find_head(TwiceApplied(copy.deepcopy(net)), X)
+    assert head.output_layer is None and "runs 2 times" in head.reason
+    conv = nn.Sequential(nn.Unflatten(1, (1, D)), nn.Conv1d(1, C, D), nn.Flatten())
+    assert find_head(conv, X).feature_layer is None
+    # the verification is to float tolerance: a change of one ulp-scale is accepted, 1e-3 is not
+    nudged = copy.deepcopy(net)
+    with torch.no_grad():
+        nudged[2].bias.add_(1e-3)
+    assert find_head(nudged, X).output_layer == "2"
+    assert find_head(Transformed(net, "affine"), X).output_layer is None
+    assert not any(m._forward_hooks for m in net.modules())
+
+
+def _relative(S, S_ex):
+    return float((S - S_ex).norm() / S_ex.norm())
+
+
+def _scalla(model, loader, iterations=200, **kw):
+    return fastlla.ScaLLA(model, "classification", n_features=32, seed=0, **kw).fit(
+        loader, iterations=iterations, progress_bar=False
+    )
+
+
+@pytest.fixture(scope="module")
+def baseline(trained):
+    """ScaLLA's covariance error against ExactLLA on the untransformed network with the same
+    kind of surrogate the fallback builds (learned features of the last Linear's input only):
+    the kernel fidelity the transformed networks are held to."""
+    net, X, _, loader = trained
+    _, S_ex = fastlla.ExactLLA(net, "classification").fit(loader).predictive_distribution(X)
+    la = _scalla(net, loader, last_layer=False, gate=False, residual_variance=False)
+    _, S = la.predictive_distribution(X)
+    return _relative(S, S_ex)
+
+
+@pytest.mark.parametrize("how", ["head_first", "affine", "reference", "log_softmax"])
+def test_transformed_logits_agree_with_exact_lla(trained, baseline, how):
+    """Oracle: ExactLLA of the same model. A network whose logits are transformed after the last
+    Linear falls back (with a warning) and is held to the untransformed network's fidelity; a
+    head registered first is read correctly and keeps the exact block."""
+    net, X, _, loader = trained
+    model = HeadFirst(copy.deepcopy(net)) if how == "head_first" else Transformed(net, how)
+    _, S_ex = fastlla.ExactLLA(model, "classification").fit(loader).predictive_distribution(X)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        la = _scalla(model, loader)
+    fallback = [w for w in caught if "assumes nothing" in str(w.message)]
+    assert bool(fallback) == (how != "head_first")
+    assert la.last_layer_used is (how == "head_first")
+    _, S = la.predictive_distribution(X)
+    err = _relative(S, S_ex)
+    ratio = float(S.diagonal(dim1=1, dim2=2).mean() / S_ex.diagonal(dim1=1, dim2=2).mean())
+    print(f"{how}: rel.err {err:.3f} (baseline {baseline:.3f}), mean variance ratio {ratio:.2f}")
+    assert err <= 1.5 * baseline + 0.05
+    assert 0.75 <= ratio <= 1.33
+
+
+class Tokens(nn.Module):
+    """An LLM-style per-token head: (B, T) token ids → (B, T, C) logits, ``pool`` over tokens."""
+
+    def __init__(self, pool=None):
+        super().__init__()
+        self.embed, self.body = nn.Embedding(11, 6), nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.head, self.pool = nn.Linear(8, C), pool
+
+    def forward(self, ids):
+        z = self.head(self.body(self.embed(ids)))
+        if self.pool == "last":
+            return z[:, -1]
+        if self.pool == "mean":
+            return z.mean(1)
+        return z
+
+
+def token_data():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 11, (60, 5), generator=g)
+    return ids, DataLoader(TensorDataset(ids, ids[:, -1] % C), batch_size=30)
+
+
+@pytest.mark.parametrize("estimator", ["ExactLLA", "ScaLLA"])
+def test_per_token_outputs_are_refused_up_front(estimator):
+    torch.manual_seed(0)
+    _, loader = token_data()
+    la = getattr(fastlla, estimator)(Tokens(), "classification")
+    with pytest.raises(ValueError, match=r"shape \(30, 5, 3\).*per-token head.*\[:, -1\]"):
+        la.fit(loader) if estimator == "ExactLLA" else la.fit(loader, iterations=1, progress_bar=False)
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_per_token_head_with_last_token_or_pooled_output_agrees_with_exact_lla(pool):
+    """The head runs per token, so it is not the output layer (fallback, with its reason);
+    ScaLLA's predictive variance is held to ExactLLA's of the same model."""
+    torch.manual_seed(0)
+    ids, loader = token_data()
+    model = Tokens(pool).eval()
+    head = find_head(model, ids[:4])
+    assert head.output_layer is None and "per position" in head.reason
+    _, S_ex = fastlla.ExactLLA(model, "classification").fit(loader).predictive_distribution(ids)
+    with pytest.warns(UserWarning, match="assumes nothing"):
+        la = _scalla(model, loader, iterations=600)
+    _, S = la.predictive_distribution(ids)
+    ratio = float(S.diagonal(dim1=1, dim2=2).mean() / S_ex.diagonal(dim1=1, dim2=2).mean())
+    kernel_err = la.kernel_fidelity(ids[:30])
+    print(f"{pool}: rel.err {_relative(S, S_ex):.3f}, variance ratio {ratio:.2f}, kernel {kernel_err:.3f}")
+    assert kernel_err <= 0.3  # the learned kernel fits this network
+    # the predictive follows from the kernel: its error is held to a few times the kernel's
+    assert _relative(S, S_ex) <= 2 * kernel_err + 0.1
+    assert abs(ratio - 1) <= 2 * kernel_err + 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("estimator", ["ExactLLA", "ScaLLA"])
+def test_half_precision_networks_are_refused_up_front(trained, estimator, dtype):
+    net = copy.deepcopy(trained[0]).to(dtype).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(TypeError, match=f"{dtype}.*float32 copy"):
+        getattr(fastlla, estimator)(net, "classification")
+    assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_state_dict_keeps_the_head_read_at_fit(trained):
+    """A fresh estimator loads the fitted state without data and predicts the same, for a
+    verified head registered first and for the fallback."""
+    net, X, _, loader = trained
+    for model in (HeadFirst(copy.deepcopy(net)), Transformed(net, "affine")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            la = fastlla.ScaLLA(model, "classification", n_features=8).fit(
+                loader, iterations=3, progress_bar=False
+            )
+        fresh = fastlla.ScaLLA(model, "classification", n_features=8)
+        fresh.load_state_dict(la.state_dict())
+        assert fresh.head == la.head
+        for a, b in zip(fresh.predictive_distribution(X[:7]), la.predictive_distribution(X[:7])):
+            assert torch.equal(a, b)
+        exported = la.export()
+        mean, cov = la.predictive_distribution(X[:7])
+        torch.testing.assert_close(exported(X[:7]), fastlla.predictive.probit(mean, cov))
+
+
+def _built_size(la):
+    sur = la.surrogate
+    return sum(p.numel() for p in getattr(sur, "learned", sur).parameters())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 1024)),  # case 19
+        lambda: nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 300)),
+        lambda: Transformed(nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 3000)), "affine"),
+    ],
+    ids=["decoder_C1024", "relu_C300", "fallback_C3000"],
+)
+def test_default_surrogate_obeys_the_size_rule(make):
+    """Many outputs: the default surrogate is at most max(100·P, 8M) parameters (head_width and
+    gate 'auto' give way first, then a default n_features); the count matches the built one."""
+    from fastlla.scalla import SURROGATE_MAX_RATIO, SURROGATE_MIN_PARAMS
+
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(16, 8)
+    loader = [(x, model(x).detach())]
+    P = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la = fastlla.ScaLLA(model, "regression").fit(loader, iterations=0, progress_bar=False)
+    size = _built_size(la)
+    assert size <= max(SURROGATE_MAX_RATIO * P, SURROGATE_MIN_PARAMS)
+    width = getattr(getattr(la.surrogate, "learned", la.surrogate), "head_width", 0)
+    C = model(x).shape[1]
+    assert size == default_surrogate_size(model, la.head, la.n_learned, C, width, la.gate_used)
+    explicit = fastlla.ScaLLA(model, "regression", n_features=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explicit.fit(loader, iterations=0, progress_bar=False)
+    assert explicit.n_learned == 128  # an explicit n_features is the user's choice
+
+
+def test_size_rule_leaves_the_digits_cnn_and_demo_defaults_unchanged():
+    from fastlla.models import MLP, DigitsCNN
+
+    torch.manual_seed(0)
+    for model, x, M in ((DigitsCNN(10), torch.randn(8, 64), None), (MLP(10, 1, hidden=(50, 50)), torch.randn(8, 10), 64)):
+        lik = "classification" if M is None else "regression"
+        y = model(x).argmax(-1) if M is None else model(x).detach()
+        la = fastlla.ScaLLA(model.eval(), lik, n_features=M).fit([(x, y)], iterations=0, progress_bar=False)
+        assert la.n_learned == (M or 128) and la.gate_used and la.last_layer_used is True
+        assert la.surrogate.learned.head_width == 512
