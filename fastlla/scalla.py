@@ -109,12 +109,31 @@ class ScaLLA(LaplaceBase):
     Parameters
     ----------
     model : pre-trained network returning ``(B, C)``; only ``requires_grad`` parameters count.
+        float32 or float64 (float16/bfloat16 are refused, ``TypeError``); per-token ``(B, T, C)``
+        outputs are refused at ``fit`` (wrap the model to return the last token's or pooled
+        outputs). ``fit`` reads how it computes its output by running it on the first training
+        batch (:func:`fastlla.surrogate.find_head`): the last ``nn.Linear`` to run is its output
+        layer only if it runs once on ``(B, h)`` inputs ``φ`` and the output equals ``W φ + b``
+        to float tolerance. Otherwise (logits transformed after it, a fixed extra logit, a
+        per-token head with last-token or pooled output, a head applied twice) the default
+        surrogate falls back, with a ``UserWarning``, to learned features of the input of the
+        last ``nn.Linear`` the network runs — no exact last-layer block, no gate, and no
+        residual head unless asked for; a network that runs no ``nn.Linear`` needs
+        ``surrogate=``.
     likelihood : ``"classification"`` or ``"regression"``.
     sigma_noise, prior_precision, prior_mean, temperature, enable_backprop, dict_key_x,
         dict_key_y, backend, backend_kwargs, asdl_fisher_kwargs : as in
         :class:`fastlla.laplace.LaplaceBase`.
-    n_features : ``M``, the surrogate's feature dimension (see :mod:`fastlla.surrogate` on
-        choosing it). Ignored when ``surrogate`` is given (its output fixes ``M``).
+    n_features : ``M``, the surrogate's learned feature dimension (see :mod:`fastlla.surrogate`
+        on choosing it). Ignored when ``surrogate`` is given (its output fixes ``M``). Default
+        ``None``: 128, lowered where the size rule below needs it.
+
+    Size rule of the default surrogate: at most ``max(100·P, 8·10⁶)`` parameters (``P`` the
+    network's). Where the choices below would exceed it, ``gate="auto"`` drops the gate, then
+    ``head_width="auto"`` the hidden head layer, then a default ``n_features`` is lowered to fit;
+    explicit values are kept. The digits CNN's default (4.0M parameters, 350× its 11.5k) and the
+    demo MLPs' (1.8M) are under the floor, so unchanged; a decoder with ``C = 1024`` outputs and
+    67k parameters gets a linear head and ``M = 120`` (8.0M) instead of 67M parameters.
     surrogate : any ``nn.Module`` returning ``(B, M, C)``; default: the model's trunk plus a new
         head (:func:`fastlla.surrogate.default_surrogate`).
     seed : seeds the surrogate's head, the tangents and the context batches.
@@ -125,7 +144,7 @@ class ScaLLA(LaplaceBase):
         keeps ``ψ``'s top-``k`` principal directions (``k·C`` features); ``False`` learns it all.
         ``"auto"`` (default): ``True`` when ``(h+1)·C ≤ 1024``, else the largest ``k`` with
         ``k·C ≤ 1024`` (off when ``C > 512``, for a user's ``surrogate`` or a model without a
-        trainable last ``nn.Linear``). On the digits CNN at equal cost it lowered the held-out
+        trainable, verified output layer, see ``model``). On the digits CNN at equal cost it lowered the held-out
         kernel error from 0.197 to 0.175; with context points the bias then acts on the learned
         part only, and still gave the better OOD AUROC (``bench/fidelity/RESULTS.md``).
     residual_variance : ``"auto"`` (default), ``"head"``, ``"jvp"`` or ``False``: add the
@@ -155,12 +174,13 @@ class ScaLLA(LaplaceBase):
         only the class-independent ``H(x) = (∂z/∂θ)Q`` is learned, from ``u``; the gate
         ``σ'(z)`` and ``W`` are the network's own, exact). It needs the full exact last-layer
         block and ``σ`` one of ReLU, LeakyReLU, Tanh, Sigmoid. ``"auto"`` (default): on
-        wherever that holds — read from the order of the registered modules and confirmed on the
-        first training batch — and the map to ``H`` (``(n_in + head_width)·h·M`` weights) stays
+        wherever that holds on the first training batch and the map to ``H`` (``(n_in + head_width)·h·M`` weights) stays
         under 8 million, else the plain surrogate. On the digits CNN it lowered the
         held-out kernel error at equal wall time (~6 min) from 0.129 to 0.083 (noise-free targets:
         0.102 → 0.065; ``bench/fidelity/RESULTS.md``). ``head_width`` is then the width of the
-        MLP that computes ``H``.
+        MLP that computes ``H``. The structure is read by running the network: the output
+        layer's input must be the very tensor an activation returned, whose input is the very
+        tensor an ``nn.Linear`` returned, each run once.
     """
 
     _curvature_source = "ScaLLA computes the GGN of its surrogate's features"
@@ -357,7 +377,7 @@ class ScaLLA(LaplaceBase):
             gated = self._resolve_gate(last_layer)
             gated, width = self._size_rule(n_outputs, gated, last_layer)
             self.gate_used = gated
-            if head.output_layer is None:
+            if head.output_layer is None and head.feature_layer:
                 warnings.warn(
                     f"fastlla: the network's output is not the output of an nn.Linear: "
                     f"{head.reason}. ScaLLA's default surrogate therefore assumes nothing about "

@@ -1,7 +1,9 @@
 """Surrogate networks ``g(x) ∈ R^{M×C}`` whose inner products learn the neural tangent kernel.
 
-Any ``nn.Module`` mapping a batch to ``(B, M, C)`` can serve. :func:`default_surrogate` builds
-one from the user's network: a copy of its trunk (everything before its last ``nn.Linear``,
+Any ``nn.Module`` mapping a batch to ``(B, M, C)`` can serve. :func:`find_head` reads, by
+running the network on a batch, which ``nn.Linear`` produces its output (verified:
+``f = W φ + b``) or, failing that, the last one it runs. :func:`default_surrogate` builds
+one from the user's network: a copy of its trunk (everything before its output layer,
 warm-started from the network's own weights, since the NTK is largely a function of the
 network's own features) plus a new head to ``M·C`` outputs (linear, or with a hidden layer of
 ``head_width`` units), times a scale set so the surrogate's kernel starts at the NTK's
@@ -18,7 +20,7 @@ LLA's as ``M`` grows. 128 is the default; use 256–512 when the
 predictive variance matters more than speed, and keep ``M`` well below ``N·C``.
 
 By default (``ScaLLA(last_layer="auto")``) :class:`LastLayerSurrogate` adds, beside the ``M``
-learned features, the *exact* features of the network's last ``nn.Linear`` — ``(h+1)·C`` of
+learned features, the *exact* features of the network's output layer — ``(h+1)·C`` of
 them, or ``k·C`` for its top-``k`` principal input directions when that is over 1024 — so the
 posterior has ``M + (h+1)·C`` features (590 on the digits CNN with ``M = 100``). The learned
 ones then only fit the rest of the kernel. Where the network ends ``Linear → σ → Linear``

@@ -281,3 +281,17 @@ def test_size_rule_leaves_the_digits_cnn_and_demo_defaults_unchanged():
         la = fastlla.ScaLLA(model.eval(), lik, n_features=M).fit([(x, y)], iterations=0, progress_bar=False)
         assert la.n_learned == (M or 128) and la.gate_used and la.last_layer_used is True
         assert la.surrogate.learned.head_width == 512
+
+
+@pytest.mark.parametrize("which", ["conv_output", "single_linear"])
+def test_a_network_without_an_output_linear_needs_a_surrogate(trained, which):
+    _, X, y, loader = trained
+    torch.manual_seed(0)
+    if which == "conv_output":
+        model = nn.Sequential(nn.Unflatten(1, (1, D)), nn.Conv1d(1, C, D), nn.Flatten())
+    else:
+        model = nn.Linear(D, C)
+    la = fastlla.ScaLLA(model, "classification", n_features=4)
+    with pytest.raises(ValueError, match="pass surrogate="):
+        la.fit(loader, iterations=1, progress_bar=False)
+    assert la.surrogate is None and not la._fitted  # a refused fit leaves it unfitted
