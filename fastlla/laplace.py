@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .functional import NetworkFunction, batch_size, check_finite, to_device
+from .functional import NetworkFunction, batch_size, check_finite, compute_dtype, to_device
 from .predictive import Likelihood, class_probabilities, log_class_probabilities
 
 __all__ = ["LaplaceBase", "NotFittedError", "ModelChangedError"]
@@ -31,9 +31,6 @@ __all__ = ["LaplaceBase", "NotFittedError", "ModelChangedError"]
 #: ``optimize_prior_precision(prior_structure=...)`` values (laplace-torch's ``PriorStructure``).
 PRIOR_STRUCTURES = ("scalar", "layerwise", "diag")
 
-
-#: Parameter dtypes the estimators refuse (:class:`LaplaceBase`).
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 class NotFittedError(RuntimeError):
     """A predictive or posterior quantity was requested before ``fit``."""
@@ -168,17 +165,12 @@ class LaplaceBase:
                     UserWarning,
                     stacklevel=3,
                 )
-        low = sorted({str(p.dtype) for p in model.parameters() if p.dtype in LOW_PRECISION})
-        if low:
-            raise TypeError(
-                f"fastlla: the model has {'/'.join(low)} parameters; fastlla's estimators run "
-                "float32 or float64 networks only (their Jacobians, ops and linear algebra are not "
-                "implemented in half precision). Fit a float32 copy of the same weights, "
-                "copy.deepcopy(model).float(), and give it float32 inputs"
-            )
         self.network = self._make_network(model)
         first = next(p for p in model.parameters() if p.requires_grad)
-        self.device, self.dtype = first.device, first.dtype
+        # a float16/bfloat16 network runs in its dtype (inputs too); outputs, features and all
+        # linear algebra are float32 (compute_dtype)
+        self.device, self.dtype = first.device, compute_dtype(first.dtype)
+        self.input_dtype = first.dtype
         self.prior_mean = prior_mean
         self.temperature = temperature
         self.sigma_noise = sigma_noise
@@ -325,7 +317,7 @@ class LaplaceBase:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(f"fastlla: {name} must yield (inputs, targets) pairs")
             x, y = batch
-            x = to_device(x, self.device, self.dtype)
+            x = to_device(x, self.device, self.input_dtype)
             y = y.to(self.device)
             check_finite(f"the inputs of {name}", x)
             if batch_size(x) != y.shape[0]:
@@ -869,7 +861,7 @@ class LaplaceBase:
         changed since.
         """
         self._check_fitted()
-        x = to_device(x, self.device, self.dtype)
+        x = to_device(x, self.device, self.input_dtype)
         check_finite("the inputs", x)
         self._check_batched(x)
         if batch_size(x) == 0:  # the network is not run on a batch of no inputs

@@ -109,7 +109,8 @@ class ScaLLA(LaplaceBase):
     Parameters
     ----------
     model : pre-trained network returning ``(B, C)``; only ``requires_grad`` parameters count.
-        float32 or float64 (float16/bfloat16 are refused, ``TypeError``); per-token ``(B, T, C)``
+        float32 or float64, or float16/bfloat16 (run in that dtype; outputs, JVPs, features
+        and all linear algebra in float32; not exportable); per-token ``(B, T, C)``
         outputs are refused at ``fit`` (wrap the model to return the last token's or pooled
         outputs). ``fit`` reads how it computes its output by running it on the first training
         batch (:func:`fastlla.surrogate.find_head`): the last ``nn.Linear`` to run is its output
@@ -649,7 +650,7 @@ class ScaLLA(LaplaceBase):
                 n_train = batch_size(x)
                 if context_batches is not None:
                     x = concat_batches(x, next(context_batches))
-                tangents = sampler.tangents(step, p0.device, p0.dtype)
+                tangents = sampler.tangents(step, p0.device, self.dtype)
                 _, z = sampler.project(x, step, tangents)
                 psi = None
                 if exact_block is not None:
@@ -779,7 +780,7 @@ class ScaLLA(LaplaceBase):
         while done < n_projections:
             n = min(16, n_projections - done)
             sampler = ProjectionSampler(self.network, n, "rademacher", self.seed + 7919 + done)
-            tangents = sampler.tangents(0, p0.device, p0.dtype)
+            tangents = sampler.tangents(0, p0.device, self.dtype)
             _, z = sampler.project(x, 0, tangents)
             if exact_block is not None:
                 z = z - exact_block.head_jvp(tangents, psi, self.network.names)
@@ -805,7 +806,7 @@ class ScaLLA(LaplaceBase):
             if isinstance(batch, Mapping):  # a dict batch: every entry but the target is input
                 batch = {k: v for k, v in batch.items() if k != self.dict_key_y}
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = to_device(x, self.device, self.dtype)
+            x = to_device(x, self.device, self.input_dtype)
             check_finite("the inputs of context_loader", x)
             if batch_size(x) == 0:
                 continue
@@ -930,7 +931,7 @@ class ScaLLA(LaplaceBase):
                 f, psi = forward_with_penultimate(
                     self.model, head_name, x, bias, head_is_output=exact is not None
                 )
-                f = f.unsqueeze(-1) if f.dim() == 1 else f
+                f = f.to(self.dtype).unsqueeze(-1) if f.dim() == 1 else f.to(self.dtype)
             # finiteness is checked on the covariance (B·C² values, not B·M·C): NaN/Inf propagate
             if exact is None:
                 phi = check_surrogate_output(
@@ -979,7 +980,7 @@ class ScaLLA(LaplaceBase):
         """
         if self.surrogate is None or self.n_outputs is None:
             raise RuntimeError("fastlla: call ScaLLA.fit(train_loader) first")
-        x = to_device(x, self.device, self.dtype)
+        x = to_device(x, self.device, self.input_dtype)
         check_finite("the inputs", x)
         with torch.no_grad():
             phi = self._surrogate_features(x).double()

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import batch_size, call_module
+from .functional import batch_size, call_module, cast_inputs, compute_dtype
 
 __all__ = [
     "Surrogate",
@@ -123,6 +123,7 @@ class Surrogate(nn.Module):
         self.register_buffer("output_scale", torch.tensor(1.0))
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        args, kwargs = cast_inputs(args, kwargs, self.output_scale.dtype)  # half networks
         h = self.trunk(*args, **kwargs)
         h = h.reshape(h.shape[0], -1)
         out = self.head(h) * self.output_scale
@@ -168,7 +169,9 @@ class LastLayerSurrogate(nn.Module):
         if not 1 <= k <= width:
             raise ValueError(f"fastlla: last-layer rank must be in [1, {width}], got {rank}")
         w = head.weight
-        self.register_buffer("basis", torch.eye(width, dtype=w.dtype, device=w.device)[:, :k])
+        self.register_buffer(
+            "basis", torch.eye(width, dtype=compute_dtype(w.dtype), device=w.device)[:, :k]
+        )
         self.n_learned = int(getattr(learned, "n_features", 0))
         self.n_outputs = head.out_features
         self.rank = k
@@ -330,7 +333,7 @@ class GatedSurrogate(nn.Module):
         )
         self.register_buffer("output_scale", torch.tensor(1.0))
         w = head.weight
-        self.to(device=w.device, dtype=w.dtype)
+        self.to(device=w.device, dtype=compute_dtype(w.dtype))
 
     def gate(self, phi: Tensor) -> Tensor:
         """``σ'(z)`` (B, h) from the network's penultimate activations ``φ = σ(z)``."""
@@ -343,6 +346,7 @@ class GatedSurrogate(nn.Module):
 
     def features(self, phi: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """``g(x)`` (B, M, C) given ``φ(x)`` (B, h), the input of the network's head."""
+        args, kwargs = cast_inputs(args, kwargs, self.output_scale.dtype)  # half networks
         u = self.trunk(*args, **kwargs)
         H = self.hidden_features(u.reshape(u.shape[0], -1))
         gated = self.gate(phi.reshape(u.shape[0], -1)).to(H.dtype)[:, None, :] * self.head_weight
@@ -641,7 +645,7 @@ class ResidualHead(nn.Module):
         )
         self.register_buffer("output_scale", torch.tensor(1.0))
         w = linear.weight
-        self.to(device=w.device, dtype=w.dtype)
+        self.to(device=w.device, dtype=compute_dtype(w.dtype))
 
     def forward(self, x: Any, psi: Tensor | None = None) -> Tensor:
         """The factor ``R(x)`` (B, C, C)."""
@@ -692,7 +696,7 @@ def default_surrogate(
         trunk, width = InputOf(trainable_copy_without(model, []), head.feature_layer), head.feature_width
     surrogate = Surrogate(trunk, width, n_features, n_outputs, head_width, generator)
     p0 = next(model.parameters())
-    surrogate = surrogate.to(device=p0.device, dtype=p0.dtype).eval()
+    surrogate = surrogate.to(device=p0.device, dtype=compute_dtype(p0.dtype)).eval()
     surrogate.output_scale.fill_(math.sqrt(n_params / n_features))
     return surrogate
 
@@ -763,7 +767,7 @@ def last_layer_surrogate(
             model, n_features, n_outputs, n_params, head_width, generator, head
         )
     out = LastLayerSurrogate(learned, model, name, rank)
-    return out.to(device=linear.weight.device, dtype=linear.weight.dtype).eval()
+    return out.to(device=linear.weight.device, dtype=compute_dtype(linear.weight.dtype)).eval()
 
 
 def check_surrogate_output(
