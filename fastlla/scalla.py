@@ -115,12 +115,13 @@ class ScaLLA(LaplaceBase):
         outputs). ``fit`` reads how it computes its output by running it on the first training
         batch (:func:`fastlla.surrogate.find_head`): the last ``nn.Linear`` to run is its output
         layer only if it runs once on ``(B, h)`` inputs ``φ`` and the output equals ``W φ + b``
-        to float tolerance. Otherwise (logits transformed after it, a fixed extra logit, a
-        per-token head with last-token or pooled output, a head applied twice) the default
-        surrogate falls back, with a ``UserWarning``, to learned features of the input of the
-        last ``nn.Linear`` the network runs — no exact last-layer block, no gate, and no
-        residual head unless asked for; a network that runs no ``nn.Linear`` needs
-        ``surrogate=``.
+        to float tolerance — or, for a per-token head whose outputs the network takes at the
+        last token or averages, ``W ψ + b`` with ``ψ`` the network's output with the head
+        replaced by the identity. Otherwise (logits transformed after it, a fixed extra logit, a
+        head applied twice) the default surrogate falls back, with a ``UserWarning``, to learned
+        features of the input of the last ``nn.Linear`` the network runs — no exact last-layer
+        block, no gate, and no residual head unless asked for; a network that runs no
+        ``nn.Linear``, or a per-token head pooled otherwise, needs ``surrogate=``.
     likelihood : ``"classification"`` or ``"regression"``.
     sigma_noise, prior_precision, prior_mean, temperature, enable_backprop, dict_key_x,
         dict_key_y, backend, backend_kwargs, asdl_fisher_kwargs : as in
@@ -433,7 +434,8 @@ class ScaLLA(LaplaceBase):
             )
         return ResidualHead(
             self.model, n_outputs, generator=self._generator(1), head_name=name,
-            output_layer=head.output_layer is not None,
+            output_layer=head.output_layer is not None, pooled=head.pooled,
+            n_inputs=None if head.output_layer is not None else head.feature_width,
         )  # fmt: skip
 
     def _surrogate_features(self, x: Any) -> Tensor:
@@ -921,16 +923,19 @@ class ScaLLA(LaplaceBase):
         mode = self.residual_mode
         exact = self.surrogate if isinstance(self.surrogate, LastLayerSurrogate) else None
         head_name = exact.head_name if exact is not None else None
+        pooled = exact is not None and exact.pooled
         if mode == "head" and self.residual_head is not None:
             head_name = self.residual_head.head_name
+            pooled = self.residual_head.pooled
         with torch.no_grad():
             if head_name is None:
                 f, psi = self.network.output(x), None
             else:
                 bias = exact.has_bias if exact is not None else self.residual_head.has_bias
                 f, psi = forward_with_penultimate(
-                    self.model, head_name, x, bias, head_is_output=exact is not None
-                )
+                    self.model, head_name, x, bias, head_is_output=exact is not None,
+                    pooled=pooled,
+                )  # fmt: skip
                 f = f.to(self.dtype).unsqueeze(-1) if f.dim() == 1 else f.to(self.dtype)
             # finiteness is checked on the covariance (B·C² values, not B·M·C): NaN/Inf propagate
             if exact is None:

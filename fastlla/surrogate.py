@@ -149,14 +149,18 @@ class LastLayerSurrogate(nn.Module):
     ----------
     learned : the learned-feature surrogate.
     model : the pre-trained network (read, never trained; not a submodule, so it is not saved).
-    head_name : qualified name of its last ``nn.Linear``.
+    head_name : qualified name of its output layer (an ``nn.Linear``, :func:`find_head`).
     rank : ``k``; ``None`` keeps all ``h + 1`` directions.
+    pooled : the output layer runs per position and the network pools its outputs
+        (:class:`NetworkHead`): ``ψ`` is read from the network with the layer removed.
     """
 
     def __init__(
-        self, learned: nn.Module, model: nn.Module, head_name: str, rank: int | None = None
-    ):
+        self, learned: nn.Module, model: nn.Module, head_name: str, rank: int | None = None,
+        pooled: bool = False,
+    ):  # fmt: skip
         super().__init__()
+        self.pooled = bool(pooled)  # ψ read with the head removed (NetworkHead.pooled)
         head = model.get_submodule(head_name)
         if not isinstance(head, nn.Linear):
             raise ValueError(f"fastlla: {head_name!r} is not an nn.Linear")
@@ -186,7 +190,8 @@ class LastLayerSurrogate(nn.Module):
 
     def psi(self, x: Any) -> Tensor:
         """``ψ(x) = [φ(x); 1]`` (B, h+1) of the network itself (no gradient)."""
-        return penultimate(self._model[0], self.head_name, x, self.has_bias).to(self.basis.dtype)
+        psi = penultimate(self._model[0], self.head_name, x, self.has_bias, self.pooled)
+        return psi.to(self.basis.dtype)
 
     def coefficients(self, psi: Tensor) -> Tensor:
         """``a = Uᵀψ`` (B, k): the exact features are ``a ⊗ I_C``."""
@@ -378,10 +383,15 @@ class NetworkHead:
     batch: it runs once, on ``(B, h)`` inputs ``φ``, and ``f(x) = W φ(x) + b`` to float
     tolerance — what the exact last-layer block, the gate and the residual head assume; ``None``
     otherwise, ``reason`` saying why. ``feature_layer``: the last ``nn.Linear`` the forward pass
-    calls (``None`` if none, or the model is one); its input, flattened to ``feature_width``
-    values per input, feeds the fallback surrogate. ``gate``: ``(linear, activation,
+    calls (``None`` if none, if the model is one, or if it runs per position without being a
+    pooled output layer: no fallback for those); its ``(B, h)`` input feeds the fallback
+    surrogate (``feature_width = h``). ``gate``: ``(linear, activation,
     output_layer)`` where the output layer reads an elementwise activation of
     :data:`ACTIVATION_GRADIENTS` that reads an ``nn.Linear`` (each run once), else ``None``.
+    ``pooled``: the output layer runs per position (e.g. per token, ``(B, T, h)`` inputs) and the
+    network pools its outputs linearly (the last token, the mean over tokens), so
+    ``f = W ψ + b`` with ``ψ`` the network's output with that layer replaced by the identity
+    (:func:`without_module`), checked to float tolerance; ``ψ`` is then read by that second pass.
     """
 
     output_layer: str | None
@@ -389,6 +399,7 @@ class NetworkHead:
     feature_width: int = 0
     reason: str = ""
     gate: tuple[str, str, str] | None = None
+    pooled: bool = False
 
     @classmethod
     def registered(cls, model: nn.Module) -> NetworkHead:
@@ -406,7 +417,8 @@ def find_head(model: nn.Module, x: Any) -> NetworkHead:
     itself is not changed, no hooks are registered); the last ``nn.Linear`` to run is the
     candidate, and it is the output layer only if it runs once on ``(B, h)`` inputs ``φ`` and
     the network's output equals ``W φ + b`` to ``16·h·ε`` relative to ``|W||φ| + |b|``
-    (computed in float64). See :class:`NetworkHead`.
+    (computed in float64) — or, where it runs once per position, the network with it replaced by
+    the identity gives ``ψ`` with ``f = W ψ + b`` (``pooled``). See :class:`NetworkHead`.
     """
     names = [
         n for n, m in model.named_modules()
@@ -434,13 +446,28 @@ def find_head(model: nn.Module, x: Any) -> NetworkHead:
         )
     else:
         reason = _affine_mismatch(out, phi, head)
+    if reason and runs == 1:  # a per-token head with pooled outputs: f = W ψ + b, ψ pooled too
+        with torch.no_grad():
+            psi = call_module(without_module(model, name), x)
+        B = phi.shape[0] if isinstance(phi, Tensor) and phi.dim() else -1
+        if (
+            isinstance(psi, Tensor) and psi.dim() == 2 and psi.shape == (B, head.in_features)
+            and not _affine_mismatch(out, psi, head, pooled=True)
+        ):  # fmt: skip
+            return NetworkHead(name, name, head.in_features, "", None, pooled=True)
+    if reason and isinstance(phi, Tensor) and phi.dim() > 2:  # per position, not pooled linearly
+        return NetworkHead(None, None, 0, reason + (
+            ", and the network does not return its outputs at one position (e.g. the last "
+            "token) or averaged over positions"
+        ))  # fmt: skip
     if reason:
         return NetworkHead(None, name, width, reason)
     return NetworkHead(name, name, width, "", _gate_by_execution(model, calls, name))
 
 
-def _affine_mismatch(out: Any, phi: Tensor, head: nn.Linear) -> str:
-    """``""`` when ``out`` equals ``head(phi)`` to float tolerance, else why not."""
+def _affine_mismatch(out: Any, phi: Tensor, head: nn.Linear, pooled: bool = False) -> str:
+    """``""`` when ``out`` equals ``head(phi)`` to float tolerance, else why not (``pooled``:
+    also allow the rounding of pooling the head's outputs rather than its inputs, ``|f|``)."""
     name = "its last nn.Linear"
     if not isinstance(out, Tensor) or out.dim() not in (1, 2) or out.shape[0] != phi.shape[0]:
         return f"its output is not a (B, C) tensor computed by {name}"
@@ -454,6 +481,8 @@ def _affine_mismatch(out: Any, phi: Tensor, head: nn.Linear) -> str:
     p = phi.detach().double()
     expected = p @ W.mT + b
     scale = p.abs() @ W.abs().mT + b.abs()
+    if pooled:
+        scale = scale + f.abs().amax(1, keepdim=True)
     eps = torch.finfo(out.dtype).eps if out.is_floating_point() else 0.0
     if not bool(((f - expected).abs() <= 16 * phi.shape[1] * eps * scale + 1e-300).all()):
         return f"its output is not W φ + b of {name}: the logits are transformed after it"
@@ -509,13 +538,38 @@ class InputOf(nn.Module):
         return u.reshape(u.shape[0], -1)
 
 
-def penultimate(model: nn.Module, head_name: str, x: Any, bias: bool = True) -> Tensor:
-    """``[φ(x); 1]`` (or ``φ(x)``): the input of the module ``head_name`` of ``model``, no grad."""
+def penultimate(
+    model: nn.Module, head_name: str, x: Any, bias: bool = True, pooled: bool = False
+) -> Tensor:
+    """``[φ(x); 1]`` (or ``φ(x)``): the input of the module ``head_name`` of ``model``, no grad;
+    ``pooled``: the output of the network with that module replaced by the identity
+    (:func:`without_module`; the head's input pooled as the network pools its outputs)."""
+    if pooled:
+        with torch.no_grad():
+            psi = call_module(without_module(model, head_name), x)
+        psi = psi.reshape(psi.shape[0], -1)
+        return torch.cat([psi, psi.new_ones(psi.shape[0], 1)], dim=1) if bias else psi
     return forward_with_penultimate(model, head_name, x, bias)[1]
 
 
+def without_module(model: nn.Module, name: str) -> nn.Module:
+    """A stand-in for ``model`` with its submodule ``name`` replaced by the identity, built per
+    call like :func:`tapped_network` (shallow copies of the modules on the path; the parameters,
+    buffers and every other module are ``model``'s own; ``model`` is not changed)."""
+    parent_name, _, attr = name.rpartition(".")
+    root = _shallow_copy(model)
+    parent = root
+    for part in parent_name.split(".") if parent_name else []:
+        child = _shallow_copy(parent._modules[part])
+        parent._modules[part] = child
+        parent = child
+    parent._modules[attr] = nn.Identity()
+    return root
+
+
 def forward_with_penultimate(
-    model: nn.Module, head_name: str, x: Any, bias: bool = True, head_is_output: bool = False
+    model: nn.Module, head_name: str, x: Any, bias: bool = True, head_is_output: bool = False,
+    pooled: bool = False,
 ) -> tuple[Any, Tensor]:
     """The network's output and ``[φ(x); 1]`` (or ``φ(x)``) from one forward pass, no grad.
 
@@ -523,7 +577,21 @@ def forward_with_penultimate(
     check that the network returns that call's output (``f = Wφ + b``, what the exact last-layer
     block assumes). Raises ``ValueError`` when the module does not run (or, with
     ``head_is_output``, the output differs). ``model`` is not changed (:func:`tapped_network`).
+    ``pooled`` (a per-token head whose outputs the network pools, :class:`NetworkHead`): two
+    passes, the network's and :func:`penultimate`'s, and ``head_is_output`` checks
+    ``f = W ψ + b`` to float tolerance.
     """
+    if pooled:
+        with torch.no_grad():
+            out = call_module(model, x)
+        psi = penultimate(model, head_name, x, bias=False, pooled=True)
+        if head_is_output and _affine_mismatch(out, psi, model.get_submodule(head_name), True):
+            raise ValueError(
+                f"fastlla: the network's output is not the output of its module {head_name!r} "
+                "pooled as on the training batch, as the exact last-layer block assumes; pass "
+                "last_layer=False"
+            )
+        return out, torch.cat([psi, psi.new_ones(psi.shape[0], 1)], dim=1) if bias else psi
     tapped, seen = tapped_network(model, [head_name])
     with torch.no_grad():
         out = call_module(tapped, x)
@@ -618,7 +686,8 @@ class ResidualHead(nn.Module):
     ``nn.Linear`` ``head_name`` (:func:`penultimate`; default: the last registered one), the
     verified output layer of :func:`find_head` (``output_layer=True``) or, where there is none,
     its ``feature_layer`` (``output_layer=False``: an exported predictor then reads that input
-    with :class:`InputOf` rather than from the network with the layer removed). Trained beside the surrogate from the same JVPs: the
+    with :class:`InputOf` rather than from the network with the layer removed; ``n_inputs``:
+    the number of values of that input per example, flattened, when it is not ``(B, h)``). Trained beside the surrogate from the same JVPs: the
     per-input target ``(1/S) Σ_s z_s z_sᵀ − g gᵀ`` is unbiased for the residual block, so the
     squared error's gradient is unbiased too. Initial weights from
     ``generator`` (global RNG if ``None``).
@@ -627,16 +696,17 @@ class ResidualHead(nn.Module):
     def __init__(
         self, model: nn.Module, n_outputs: int, hidden: int = 128,
         generator: torch.Generator | None = None, head_name: str | None = None,
-        output_layer: bool = True,
+        output_layer: bool = True, pooled: bool = False, n_inputs: int | None = None,
     ):  # fmt: skip
         super().__init__()
+        self.pooled = bool(pooled)
         name = head_name if head_name is not None else last_linear(model)[0]
         linear = model.get_submodule(name)
         self.output_layer = bool(output_layer)  # whether `name` gives the network's output
         self._model = (model,)
         self.head_name = name
         self.has_bias = linear.bias is not None
-        width = linear.in_features + int(self.has_bias)
+        width = (linear.in_features if n_inputs is None else int(n_inputs)) + int(self.has_bias)
         self.n_outputs = n_outputs
         self.net = nn.Sequential(
             seeded_linear(width, hidden, generator),
@@ -650,7 +720,7 @@ class ResidualHead(nn.Module):
     def forward(self, x: Any, psi: Tensor | None = None) -> Tensor:
         """The factor ``R(x)`` (B, C, C)."""
         if psi is None:
-            psi = penultimate(self._model[0], self.head_name, x, self.has_bias)
+            psi = penultimate(self._model[0], self.head_name, x, self.has_bias, self.pooled)
         C = self.n_outputs
         return self.net(psi.to(self.output_scale.dtype)).view(-1, C, C) * self.output_scale
 
@@ -766,7 +836,7 @@ def last_layer_surrogate(
         learned = default_surrogate(
             model, n_features, n_outputs, n_params, head_width, generator, head
         )
-    out = LastLayerSurrogate(learned, model, name, rank)
+    out = LastLayerSurrogate(learned, model, name, rank, pooled=head.pooled)
     return out.to(device=linear.weight.device, dtype=compute_dtype(linear.weight.dtype)).eval()
 
 

@@ -162,6 +162,8 @@ class Tokens(nn.Module):
             return z[:, -1]
         if self.pool == "mean":
             return z.mean(1)
+        if self.pool == "sum":  # W Σφ + T·b: not W ψ + b for the pooled ψ = Σφ
+            return z.sum(1)
         return z
 
 
@@ -182,16 +184,19 @@ def test_per_token_outputs_are_refused_up_front(estimator):
 
 @pytest.mark.parametrize("pool", ["last", "mean"])
 def test_per_token_head_with_last_token_or_pooled_output_agrees_with_exact_lla(pool):
-    """The head runs per token, so it is not the output layer (fallback, with its reason);
-    ScaLLA's predictive variance is held to ExactLLA's of the same model."""
+    """A head run per token whose outputs the network takes at the last token or averages is
+    the output layer with pooled features ψ (exact last-layer block, any sequence length).
+    ScaLLA's predictive is held to ExactLLA's of the same model, to a few times its own kernel
+    error."""
     torch.manual_seed(0)
     ids, loader = token_data()
     model = Tokens(pool).eval()
-    head = find_head(model, ids[:4])
-    assert head.output_layer is None and "per position" in head.reason
+    assert find_head(model, ids[:4]) == NetworkHead("head", "head", 8, "", None, pooled=True)
     _, S_ex = fastlla.ExactLLA(model, "classification").fit(loader).predictive_distribution(ids)
-    with pytest.warns(UserWarning, match="assumes nothing"):
-        la = _scalla(model, loader, iterations=600)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        la = _scalla(model, loader)
+    assert la.last_layer_used is True
     _, S = la.predictive_distribution(ids)
     ratio = float(S.diagonal(dim1=1, dim2=2).mean() / S_ex.diagonal(dim1=1, dim2=2).mean())
     kernel_err = la.kernel_fidelity(ids[:30])
@@ -200,6 +205,24 @@ def test_per_token_head_with_last_token_or_pooled_output_agrees_with_exact_lla(p
     # the predictive follows from the kernel: its error is held to a few times the kernel's
     assert _relative(S, S_ex) <= 2 * kernel_err + 0.1
     assert abs(ratio - 1) <= 2 * kernel_err + 0.1
+    short = ids[:5, :3]  # another sequence length: the same ψ, the exported predictor agrees
+    mean, cov = la.predictive_distribution(short)
+    _, cov_ex = fastlla.ExactLLA(model, "classification").fit(loader).predictive_distribution(short)
+    assert _relative(cov, cov_ex) <= 2 * kernel_err + 0.1
+    torch.testing.assert_close(la.export()(short), fastlla.predictive.probit(mean, cov))
+
+
+def test_per_token_head_pooled_otherwise_needs_a_surrogate():
+    """Summed over tokens (``W Σφ + T·b``) the head is not the output layer, and its per-token
+    input is no fixed-size feature: ScaLLA refuses up front (ExactLLA fits)."""
+    torch.manual_seed(0)
+    ids, loader = token_data()
+    model = Tokens("sum").eval()
+    assert find_head(model, ids[:4]).feature_layer is None
+    la = fastlla.ScaLLA(model, "classification", n_features=4)
+    with pytest.raises(ValueError, match=r"per position.*last token.*pass surrogate="):
+        la.fit(loader, iterations=1, progress_bar=False)
+    fastlla.ExactLLA(model, "classification").fit(loader)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
