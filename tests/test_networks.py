@@ -340,3 +340,37 @@ def test_a_network_without_an_output_linear_needs_a_surrogate(trained, which):
     with pytest.raises(ValueError, match="pass surrogate="):
         la.fit(loader, iterations=1, progress_bar=False)
     assert la.surrogate is None and not la._fitted  # a refused fit leaves it unfitted
+
+
+def test_regression_logits_affine_after_the_last_linear_agrees_with_exact_lla():
+    """Regression: ``2f + 1`` falls back and is held to the untransformed network's fidelity
+    with the same kind of surrogate (the NTK scales by 4; so do ExactLLA's variances' terms)."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.rand(80, 2, generator=g) * 4 - 2
+    Y = torch.sin(X.sum(1, keepdim=True)) + 0.1 * torch.randn(80, 1, generator=g)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        (net(X) - Y).square().mean().backward()
+        opt.step()
+    net.eval()
+    loader = DataLoader(TensorDataset(X, Y), batch_size=40)
+    errors = {}
+    for name, model, kw in (
+        ("base", net, dict(last_layer=False, gate=False)),
+        ("affine", Transformed(net, "affine"), {}),
+    ):
+        _, S_ex = fastlla.ExactLLA(model, "regression", sigma_noise=0.1).fit(loader).predictive_distribution(X)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            la = fastlla.ScaLLA(model, "regression", sigma_noise=0.1, n_features=32, **kw).fit(
+                loader, iterations=200, progress_bar=False
+            )
+        assert any("assumes nothing" in str(w.message) for w in caught) == (name == "affine")
+        _, S = la.predictive_distribution(X)
+        errors[name] = (_relative(S, S_ex), float(S.mean() / S_ex.mean()))
+    print(errors)
+    assert errors["affine"][0] <= 1.5 * errors["base"][0] + 0.05
+    assert 0.75 <= errors["affine"][1] <= 1.33
