@@ -146,8 +146,8 @@ class ScaLLA(LaplaceBase):
         keeps ``ψ``'s top-``k`` principal directions (``k·C`` features); ``False`` learns it all.
         ``"auto"`` (default): ``True`` when ``(h+1)·C ≤ 1024``, else the largest ``k`` with
         ``k·C ≤ 1024`` (off when ``C > 512``, for a user's ``surrogate`` or a model without a
-        trainable, verified output layer, see ``model``). On the digits CNN at equal cost it lowered the held-out
-        kernel error from 0.197 to 0.175; with context points the bias then acts on the learned
+        trainable, verified output layer, see ``model``). On the digits CNN at equal cost it
+        lowered the held-out kernel error from 0.197 to 0.175; with context points the bias then acts on the learned
         part only, and still gave the better OOD AUROC (``bench/fidelity/RESULTS.md``).
     residual_variance : ``"auto"`` (default), ``"head"``, ``"jvp"`` or ``False``: add the
         residual prior variance ``(κ(x,x) − g(x)ᵀg(x))/δ`` — the NTK's block at ``x`` that no
@@ -176,8 +176,8 @@ class ScaLLA(LaplaceBase):
         only the class-independent ``H(x) = (∂z/∂θ)Q`` is learned, from ``u``; the gate
         ``σ'(z)`` and ``W`` are the network's own, exact). It needs the full exact last-layer
         block and ``σ`` one of ReLU, LeakyReLU, Tanh, Sigmoid. ``"auto"`` (default): on
-        wherever that holds on the first training batch and the map to ``H`` (``(n_in + head_width)·h·M`` weights) stays
-        under 8 million, else the plain surrogate. On the digits CNN it lowered the
+        wherever that holds on the first training batch and the map to ``H``
+        (``(n_in + head_width)·h·M`` weights) stays under 8 million, else the plain surrogate. On the digits CNN it lowered the
         held-out kernel error at equal wall time (~6 min) from 0.129 to 0.083 (noise-free targets:
         0.102 → 0.065; ``bench/fidelity/RESULTS.md``). ``head_width`` is then the width of the
         MLP that computes ``H``. The structure is read by running the network: the output
@@ -384,7 +384,8 @@ class ScaLLA(LaplaceBase):
                     f"fastlla: the network's output is not the output of an nn.Linear: "
                     f"{head.reason}. ScaLLA's default surrogate therefore assumes nothing about "
                     "the output layer: no exact last-layer block, no gate and no residual head by "
-                    f"default; its features are learned from the input of {head.feature_layer!r}. Check "
+                    "default; its features are learned from the input of "
+                    f"{head.feature_layer!r}. Check "
                     "kernel_fidelity, or pass surrogate=<nn.Module returning (B, M, C)>",
                     UserWarning,
                     stacklevel=4,
@@ -1117,7 +1118,9 @@ def _state_head(state: dict[str, Any]) -> NetworkHead | None:
         return None
     fields = {f.name for f in dataclasses.fields(NetworkHead)}
     if not isinstance(saved, Mapping) or set(saved) != fields:
-        raise ValueError(f"fastlla: state_dict['head'] must be a dict with the keys {sorted(fields)}")
+        raise ValueError(
+            f"fastlla: state_dict['head'] must be a dict with the keys {sorted(fields)}"
+        )
     gate = saved["gate"]
     return NetworkHead(**{**saved, "gate": None if gate is None else tuple(gate)})
 

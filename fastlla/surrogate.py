@@ -493,8 +493,8 @@ def _gate_by_execution(
     model: nn.Module, calls: list[tuple[str, Any, Any]], head: str
 ) -> tuple[str, str, str] | None:
     """``(linear, activation, head)`` where, in the recorded ``calls``, the head's input is the
-    very tensor returned by an activation of :data:`ACTIVATION_GRADIENTS` whose input is the tensor returned by an
-    ``nn.Linear`` with ``h`` outputs, each run once; ``None`` otherwise (equal values are not
+    very tensor returned by an activation of :data:`ACTIVATION_GRADIENTS` whose input is the
+    tensor returned by an ``nn.Linear`` with ``h`` outputs, each run once; ``None`` otherwise (equal values are not
     enough: a frozen identity layer in between would be skipped)."""
     count = {n: sum(c[0] == n for c in calls) for n, _, _ in calls}
     last = {n: (i, o) for n, i, o in calls}
@@ -513,7 +513,9 @@ def _gate_by_execution(
     if isinstance(act, nn.LeakyReLU) and act.negative_slope <= 0:
         return None
     lin_name = producer(last[act_name][0], nn.Linear)
-    if lin_name is None or model.get_submodule(lin_name).out_features != model.get_submodule(head).in_features:
+    if lin_name is None:
+        return None
+    if model.get_submodule(lin_name).out_features != model.get_submodule(head).in_features:
         return None
     return lin_name, act_name, head
 
@@ -687,8 +689,8 @@ class ResidualHead(nn.Module):
     verified output layer of :func:`find_head` (``output_layer=True``) or, where there is none,
     its ``feature_layer`` (``output_layer=False``: an exported predictor then reads that input
     with :class:`InputOf` rather than from the network with the layer removed; ``n_inputs``:
-    the number of values of that input per example, flattened, when it is not ``(B, h)``). Trained beside the surrogate from the same JVPs: the
-    per-input target ``(1/S) Σ_s z_s z_sᵀ − g gᵀ`` is unbiased for the residual block, so the
+    the number of values of that input per example, flattened, when it is not ``(B, h)``).
+    Trained beside the surrogate from the same JVPs: the per-input target ``(1/S) Σ_s z_s z_sᵀ − g gᵀ`` is unbiased for the residual block, so the
     squared error's gradient is unbiased too. Initial weights from
     ``generator`` (global RNG if ``None``).
     """
@@ -763,7 +765,8 @@ def default_surrogate(
         trunk = trainable_copy_without(model, [head.output_layer])
         width = model.get_submodule(head.output_layer).in_features
     else:
-        trunk, width = InputOf(trainable_copy_without(model, []), head.feature_layer), head.feature_width
+        trunk = InputOf(trainable_copy_without(model, []), head.feature_layer)
+        width = head.feature_width
     surrogate = Surrogate(trunk, width, n_features, n_outputs, head_width, generator)
     p0 = next(model.parameters())
     surrogate = surrogate.to(device=p0.device, dtype=compute_dtype(p0.dtype)).eval()
