@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from .posterior import kron_covariance
 from .predictive import Likelihood, laplace_bridge, probit
-from .surrogate import GatedSurrogate, LastLayerSurrogate
+from .functional import LOW_PRECISION
+from .surrogate import GatedSurrogate, InputOf, LastLayerSurrogate
 
 __all__ = ["Predictor"]
 
@@ -104,8 +105,13 @@ class Predictor(nn.Module):
             raise ValueError(f"fastlla: ops must be one of {OPS}, got {ops!r}")
         self.output, self.include_noise, self.ops = output, bool(include_noise), ops
         self.n_features, self.n_outputs = int(n_features), int(n_outputs)
-        self.model = model.eval()
         first = next(iter(model.parameters()))
+        if first.dtype in LOW_PRECISION:
+            raise TypeError(
+                f"fastlla: exporting a {first.dtype} network is not supported; export the "
+                "estimator of a float32 copy of it (copy.deepcopy(model).float())"
+            )
+        self.model = model.eval()
         kw = {"dtype": first.dtype, "device": first.device}
         # The exact last-layer block (LastLayerSurrogate) reads the network's penultimate features
         # through a hook; here they come from ``trunk``, the network with its last nn.Linear
@@ -121,8 +127,10 @@ class Predictor(nn.Module):
         self.residual_head = residual_head.eval() if residual_head is not None else None
         if residual_head is not None:
             head_name = residual_head.head_name
-        if head_name is not None:
+        if head_name is not None and getattr(residual_head, "output_layer", True):
             self.trunk = _trunk_sharing_parameters(self.model, head_name)
+        elif head_name is not None:  # not the output layer: read its input as the network runs
+            self.trunk = InputOf(self.model, head_name)
         self.surrogate = surrogate.eval()
         for p in self.parameters():
             p.requires_grad_(False)

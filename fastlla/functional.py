@@ -22,7 +22,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 from .forward_ad import explain_forward_ad_error, forward_ad_kernels, has_rnn
 
-__all__ = ["NetworkFunction", "call_module", "batch_size", "slice_batch", "concat_batches", "to_device", "check_finite"]
+__all__ = ["NetworkFunction", "compute_dtype", "cast_inputs", "call_module", "batch_size", "slice_batch", "concat_batches", "to_device", "check_finite"]
 
 Inputs = Any  # Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
 
@@ -83,6 +83,32 @@ def to_device(x: Inputs, device: torch.device, dtype: torch.dtype | None = None)
         return t.to(device=device)
 
     return _map_batch(move, x)
+
+
+#: Network dtypes whose outputs, Jacobians and linear algebra fastlla computes in float32.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of fastlla's features and linear algebra for a network of ``dtype``: float32
+    for float16/bfloat16 networks (which still run in their own dtype), else ``dtype``."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def cast_inputs(args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with their floating tensors (also inside tuples, lists and dicts)
+    in ``dtype``: how a float32 surrogate reads the inputs of a half-precision network."""
+
+    def cast(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            return v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
+        if isinstance(v, Mapping):
+            return {k: cast(u) for k, u in v.items()}
+        if isinstance(v, (tuple, list)):
+            return type(v)(cast(u) for u in v)
+        return v
+
+    return cast(args), cast(kwargs)
 
 
 def check_finite(name: str, x: Inputs) -> None:
@@ -193,6 +219,9 @@ class NetworkFunction:
         self.shapes = [p.shape for n, p in named if n in chosen]
         self.numels = [p.numel() for n, p in named if n in chosen]
         self.n_params = sum(self.numels)
+        first = next(p for n, p in named if n in chosen)
+        #: outputs, JVPs and Jacobians come in this dtype (float32 for a half-precision network)
+        self.out_dtype = compute_dtype(first.dtype)
         self._has_rnn = has_rnn(model)  # JVPs then need oneDNN/cuDNN off (forward_ad_kernels)
 
     # ------------------------------------------------------------------ parameters
@@ -214,7 +243,7 @@ class NetworkFunction:
     def __call__(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
         """``f(x; params)`` as ``(B, C)``."""
         buffers = dict(self.model.named_buffers())
-        out = _call(self.model, {**buffers, **self.frozen, **params}, x)
+        out = _call(self.model, {**buffers, **self.frozen, **params}, x).to(self.out_dtype)
         return out.unsqueeze(-1) if out.dim() == 1 else out
 
     def output(self, x: Inputs) -> Tensor:
@@ -222,6 +251,8 @@ class NetworkFunction:
         ``self(self.params(), x)``, without ``functional_call``'s re-binding cost)."""
         with torch.no_grad():
             out = call_module(self.model, x)
+        if isinstance(out, Tensor) and out.is_floating_point():
+            out = out.to(self.out_dtype)
         return out.unsqueeze(-1) if out.dim() == 1 else out
 
     def jvp(self, x: Inputs, tangents: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -235,6 +266,7 @@ class NetworkFunction:
         forward-mode derivative.
         """
         params = self.params()
+        tangents = {n: t.to(params[n].dtype) for n, t in tangents.items()}  # half networks
 
         def one(t):
             return jvp(lambda p: self(p, x), (params,), (t,))
@@ -258,4 +290,4 @@ class NetworkFunction:
         params = self.params()
         jac = jacrev(lambda p: self(p, x))(params)  # name -> (B, C, *shape)
         B, C = next(iter(jac.values())).shape[:2]
-        return torch.cat([jac[n].reshape(B, C, -1) for n in self.names], dim=-1)
+        return torch.cat([jac[n].reshape(B, C, -1) for n in self.names], dim=-1).to(self.out_dtype)

@@ -23,7 +23,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .functional import NetworkFunction, batch_size, check_finite, takes_mapping, to_device
+from .functional import (
+    NetworkFunction,
+    batch_size,
+    check_finite,
+    compute_dtype,
+    takes_mapping,
+    to_device,
+)
 from .posterior import precision_to_scale_tril
 from .predictive import (
     Likelihood,
@@ -190,7 +197,10 @@ class LaplaceBase:
                 )
         self.network = self._make_network(model)
         first = next(p for p in model.parameters() if p.requires_grad)
-        self.device, self.dtype = first.device, first.dtype
+        # a float16/bfloat16 network runs in its dtype (inputs too); outputs, features and all
+        # linear algebra are float32 (compute_dtype)
+        self.device, self.dtype = first.device, compute_dtype(first.dtype)
+        self.input_dtype = first.dtype
         self.prior_mean = prior_mean
         self.temperature = temperature
         self.sigma_noise = sigma_noise
@@ -337,7 +347,7 @@ class LaplaceBase:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(f"fastlla: {name} must yield (inputs, targets) pairs")
             x, y = self._model_input(batch[0]), batch[1]
-            x = to_device(x, self.device, self.dtype)
+            x = to_device(x, self.device, self.input_dtype)
             y = y.to(self.device)
             check_finite(f"the inputs of {name}", x)
             if batch_size(x) != y.shape[0]:
@@ -364,6 +374,13 @@ class LaplaceBase:
         the expected number of outputs, ``None`` for any."""
         if n_outputs is _UNSET:
             n_outputs = self.n_outputs
+        if f.dim() != 2:
+            raise ValueError(
+                f"fastlla: the model returns outputs of shape {tuple(f.shape)}; the Laplace "
+                "approximation needs one row of C outputs per input, (B, C). For a per-token "
+                "head (LLM-style (B, T, C)) wrap the model to return the last token's outputs, "
+                "model(x)[:, -1], or outputs pooled over tokens"
+            )
         if not torch.isfinite(f).all():
             raise ValueError("fastlla: the model's outputs contain NaN or Inf")
         if n_outputs is not None and f.shape[-1] != n_outputs:
@@ -877,7 +894,7 @@ class LaplaceBase:
     def _prediction_inputs(self, x: Any, fitting: bool = False) -> Any:
         """``x`` on the model's device, checked (finite; batched, except reward inputs)."""
         self._check_fitted()
-        x = to_device(self._model_input(x), self.device, self.dtype)
+        x = to_device(self._model_input(x), self.device, self.input_dtype)
         check_finite("the inputs", x)
         if fitting or not self.reward_modeling:  # reward inputs have one dimension less than pairs
             self._check_batched(x)

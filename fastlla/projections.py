@@ -66,7 +66,8 @@ class ProjectionSampler:
         self.seed = int(seed)
 
     def tangents(self, step: int, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-        """The ``S`` tangents of ``step``, per parameter: name → ``(S, *shape)``."""
+        """The ``S`` tangents of ``step``, per parameter: name → ``(S, *shape)``, drawn in
+        ``dtype`` (float32 for a half-precision network: :meth:`NetworkFunction.jvp` casts)."""
         S, P = self.n_projections, self.network.n_params
         if self.distribution == "orthogonal":
             flat = _orthogonal_tangents(S, P, self.seed, step, device, dtype)
@@ -84,7 +85,7 @@ class ProjectionSampler:
         """
         p = next(iter(self.network.params().values()))
         if tangents is None:
-            tangents = self.tangents(step, p.device, p.dtype)
+            tangents = self.tangents(step, p.device, self.network.out_dtype)
         with torch.no_grad():
             return self.network.jvp(x, tangents)
 

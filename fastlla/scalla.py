@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,12 +50,12 @@ from .surrogate import (
     ResidualHead,
     Surrogate,
     check_surrogate_output,
+    NetworkHead,
     default_surrogate,
+    default_surrogate_size,
+    find_head,
     forward_with_penultimate,
-    gated_structure,
-    head_is_output,
     last_layer_surrogate,
-    last_linear,
     surrogate_features,
 )
 
@@ -78,6 +80,13 @@ class PredictiveFeatures:
 HEAD_WIDTH = 512
 #: ``gate="auto"``: at most this many parameters in the gated surrogate's map to ``H``.
 GATE_MAX_PARAMS = 8_000_000
+#: Size rule of the default surrogate (``head_width="auto"``, ``gate="auto"``, ``n_features``
+#: left at its default): at most ``max(SURROGATE_MAX_RATIO · P, SURROGATE_MIN_PARAMS)``
+#: parameters, ``P`` the network's. The digits CNN's default (4.0M, 350× its 11.5k) and the
+#: demo MLPs' (1.8M) stay under the floor; a small network may get a 512-unit hidden head layer.
+SURROGATE_MAX_RATIO, SURROGATE_MIN_PARAMS = 100, 8_000_000
+#: ``n_features`` left at its default.
+DEFAULT_N_FEATURES = 128
 #: ``last_layer="auto"`` keeps at most this many exact last-layer features.
 LAST_LAYER_MAX_FEATURES = 1024
 #: Accepted values of ``residual_variance``.
@@ -103,12 +112,33 @@ class ScaLLA(LaplaceBase):
     Parameters
     ----------
     model : pre-trained network returning ``(B, C)``; only ``requires_grad`` parameters count.
+        float32 or float64, or float16/bfloat16 (run in that dtype; outputs, JVPs, features
+        and all linear algebra in float32; not exportable); per-token ``(B, T, C)``
+        outputs are refused at ``fit`` (wrap the model to return the last token's or pooled
+        outputs). ``fit`` reads how it computes its output by running it on the first training
+        batch (:func:`fastlla.surrogate.find_head`): the last ``nn.Linear`` to run is its output
+        layer only if it runs once on ``(B, h)`` inputs ``φ`` and the output equals ``W φ + b``
+        to float tolerance — or, for a per-token head whose outputs the network takes at the
+        last token or averages, ``W ψ + b`` with ``ψ`` the network's output with the head
+        replaced by the identity. Otherwise (logits transformed after it, a fixed extra logit, a
+        head applied twice) the default surrogate falls back, with a ``UserWarning``, to learned
+        features of the input of the last ``nn.Linear`` the network runs — no exact last-layer
+        block, no gate, and no residual head unless asked for; a network that runs no
+        ``nn.Linear``, or a per-token head pooled otherwise, needs ``surrogate=``.
     likelihood : ``"classification"`` or ``"regression"``.
     sigma_noise, prior_precision, prior_mean, temperature, enable_backprop, dict_key_x,
         dict_key_y, backend, backend_kwargs, asdl_fisher_kwargs : as in
         :class:`fastlla.laplace.LaplaceBase`.
-    n_features : ``M``, the surrogate's feature dimension (see :mod:`fastlla.surrogate` on
-        choosing it). Ignored when ``surrogate`` is given (its output fixes ``M``).
+    n_features : ``M``, the surrogate's learned feature dimension (see :mod:`fastlla.surrogate`
+        on choosing it). Ignored when ``surrogate`` is given (its output fixes ``M``). Default
+        ``None``: 128, lowered where the size rule below needs it.
+
+    Size rule of the default surrogate: at most ``max(100·P, 8·10⁶)`` parameters (``P`` the
+    network's). Where the choices below would exceed it, ``gate="auto"`` drops the gate, then
+    ``head_width="auto"`` the hidden head layer, then a default ``n_features`` is lowered to fit;
+    explicit values are kept. The digits CNN's default (4.0M parameters, 350× its 11.5k) and the
+    demo MLPs' (1.8M) are under the floor, so unchanged; a decoder with ``C = 1024`` outputs and
+    67k parameters gets a linear head and ``M = 120`` (8.0M) instead of 67M parameters.
     surrogate : any ``nn.Module`` returning ``(B, M, C)``; default: the model's trunk plus a new
         head (:func:`fastlla.surrogate.default_surrogate`).
     seed : seeds the surrogate's head, the tangents and the context batches.
@@ -119,8 +149,8 @@ class ScaLLA(LaplaceBase):
         keeps ``ψ``'s top-``k`` principal directions (``k·C`` features); ``False`` learns it all.
         ``"auto"`` (default): ``True`` when ``(h+1)·C ≤ 1024``, else the largest ``k`` with
         ``k·C ≤ 1024`` (off when ``C > 512``, for a user's ``surrogate`` or a model without a
-        trainable last ``nn.Linear``). On the digits CNN at equal cost it lowered the held-out
-        kernel error from 0.197 to 0.175; with context points the bias then acts on the learned
+        trainable, verified output layer, see ``model``). On the digits CNN at equal cost it
+        lowered the held-out kernel error from 0.197 to 0.175; with context points the bias then acts on the learned
         part only, and still gave the better OOD AUROC (``bench/fidelity/RESULTS.md``).
     residual_variance : ``"auto"`` (default), ``"head"``, ``"jvp"`` or ``False``: add the
         residual prior variance ``(κ(x,x) − g(x)ᵀg(x))/δ`` — the NTK's block at ``x`` that no
@@ -149,12 +179,13 @@ class ScaLLA(LaplaceBase):
         only the class-independent ``H(x) = (∂z/∂θ)Q`` is learned, from ``u``; the gate
         ``σ'(z)`` and ``W`` are the network's own, exact). It needs the full exact last-layer
         block and ``σ`` one of ReLU, LeakyReLU, Tanh, Sigmoid. ``"auto"`` (default): on
-        wherever that holds — read from the order of the registered modules and confirmed on the
-        first training batch — and the map to ``H`` (``(n_in + head_width)·h·M`` weights) stays
-        under 8 million, else the plain surrogate. On the digits CNN it lowered the
+        wherever that holds on the first training batch and the map to ``H``
+        (``(n_in + head_width)·h·M`` weights) stays under 8 million, else the plain surrogate. On the digits CNN it lowered the
         held-out kernel error at equal wall time (~6 min) from 0.129 to 0.083 (noise-free targets:
         0.102 → 0.065; ``bench/fidelity/RESULTS.md``). ``head_width`` is then the width of the
-        MLP that computes ``H``.
+        MLP that computes ``H``. The structure is read by running the network: the output
+        layer's input must be the very tensor an activation returned, whose input is the very
+        tensor an ``nn.Linear`` returned, each run once.
     """
 
     _curvature_source = "ScaLLA computes the GGN of its surrogate's features"
@@ -174,7 +205,7 @@ class ScaLLA(LaplaceBase):
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         *,
-        n_features: int = 128,
+        n_features: int | None = None,
         surrogate: nn.Module | None = None,
         seed: int = 0,
         last_layer: bool | int | str = "auto",
@@ -202,6 +233,8 @@ class ScaLLA(LaplaceBase):
         self.residual_head: ResidualHead | None = None
         if surrogate is not None and not isinstance(surrogate, nn.Module):
             raise TypeError("fastlla: surrogate must be an nn.Module returning (B, M, C)")
+        self._auto_features = n_features is None
+        n_features = DEFAULT_N_FEATURES if n_features is None else n_features
         if int(n_features) < 1:
             raise ValueError(f"fastlla: n_features must be at least 1, got {n_features}")
         self.n_features = int(n_features)
@@ -220,20 +253,46 @@ class ScaLLA(LaplaceBase):
         self.seed = int(seed)
         self.posterior: FeaturePosterior | None = None
         self.history: list[dict[str, float]] = []
+        self._head: NetworkHead | None = None  # read on the first training batch by fit
 
     # ------------------------------------------------------------------ surrogate
+    @property
+    def head(self) -> NetworkHead:
+        """How the network produces its output (:func:`fastlla.surrogate.find_head`), read on
+        the first training batch at ``fit``; before a fit, or for a state saved without it, the
+        last registered ``nn.Linear`` (unverified)."""
+        head = getattr(self, "_head", None)
+        return head if head is not None else NetworkHead.registered(self.model)
+
+    def _verified_head(self) -> bool:
+        """Whether the network has a verified output layer (:attr:`head`)."""
+        try:
+            return self.head.output_layer is not None
+        except ValueError:  # no nn.Linear at all
+            return False
+
     def _resolve_last_layer(self, n_outputs: int, context: bool) -> bool | int:
-        """What ``last_layer="auto"`` means for this model (see the class docstring)."""
+        """What ``last_layer="auto"`` means for this model (see the class docstring); an
+        explicit ``True`` or rank is refused where the output layer is not verified."""
+        try:
+            head = self.head
+        except ValueError:
+            head = NetworkHead(None, None, 0, "it has no nn.Linear")
+        if head.output_layer is None:
+            if self.last_layer not in ("auto", False, 0):
+                raise ValueError(
+                    f"fastlla: last_layer={self.last_layer!r} needs the network to return the "
+                    f"output of its last nn.Linear (f = W φ + b), which it does not: "
+                    f"{head.reason} (checked on the first training batch); pass last_layer=False"
+                )
+            return False
         if self.last_layer != "auto":
             return self.last_layer
-        try:
-            name, linear = last_linear(self.model)
-        except ValueError:
-            return False
+        linear = self.model.get_submodule(head.output_layer)
         trainable = linear.weight.requires_grad and (
             linear.bias is None or linear.bias.requires_grad
         )
-        if name == "" or not trainable:
+        if head.output_layer == "" or not trainable:
             return False
         width = linear.in_features + int(linear.bias is not None)
         if width * n_outputs <= LAST_LAYER_MAX_FEATURES:
@@ -251,58 +310,93 @@ class ScaLLA(LaplaceBase):
         return augment
 
     def _resolve_head_width(self) -> int:
-        """What ``head_width="auto"`` means for this model (see the class docstring)."""
+        """What ``head_width="auto"`` means for this model before the size rule (see the class
+        docstring)."""
         if self.head_width != "auto":
             return int(self.head_width)
         try:
-            hidden = last_linear(self.model)[1].in_features
+            head = self.head
         except ValueError:
             return 0
+        if head.output_layer is not None:
+            hidden = self.model.get_submodule(head.output_layer).in_features
+        else:
+            hidden = head.feature_width
         return HEAD_WIDTH if hidden < HEAD_WIDTH else 0
 
     def _resolve_gate(self, last_layer: bool | int) -> bool:
         """What ``gate="auto"`` means for this model (see the class docstring)."""
-        structure = gated_structure(self.model) if last_layer is True else None
+        structure = self.head.gate if last_layer is True else None
         possible = structure is not None
         if possible and self.gate == "auto":  # its H maps u to h·M outputs: keep that small
             n_in, h = self.model.get_submodule(structure[0]).weight.shape[::-1]
             possible = (n_in + self._resolve_head_width()) * h * self.n_learned <= GATE_MAX_PARAMS
-        if self.gate is True and not possible:
+        if self.gate is True and last_layer is not True:
             raise ValueError(
                 "fastlla: gate=True needs the full exact last-layer block (last_layer=True or "
-                "'auto' resolving to it) and a model ending nn.Linear → activation → nn.Linear "
-                f"(activations: {[t.__name__ for t in ACTIVATION_GRADIENTS]})"
+                "'auto' resolving to it)"
+            )
+        if self.gate is True and not possible:
+            raise ValueError(
+                "fastlla: gate=True, but the network's forward pass does not feed an nn.Linear "
+                "into an elementwise activation into its output layer (read by running it on the "
+                f"first training batch; activations: {[t.__name__ for t in ACTIVATION_GRADIENTS]})"
             )
         return possible and self.gate is not False
 
-    def _check_head_is_output(self, last_layer: bool | int, x0: Any) -> bool | int:
-        """``last_layer``, or ``False`` for ``"auto"`` where the network does not return its last
-        ``nn.Linear``'s output on the batch ``x0`` (the exact block would be wrong)."""
-        name = last_linear(self.model)[0]
-        if head_is_output(self.model, name, x0):
-            return last_layer
-        if self.last_layer != "auto":
-            raise ValueError(
-                f"fastlla: last_layer={self.last_layer!r} needs the network to return the output "
-                f"of its last nn.Linear {name!r}, which it does not on the first training batch; "
-                "pass last_layer=False"
-            )
-        return False
+    def _size_rule(self, n_outputs: int, gated: bool, last_layer: bool | int) -> tuple[bool, int]:
+        """``(gated, head_width)`` within the size rule, ``n_learned`` lowered if need be (only
+        the ``"auto"`` choices and a default ``n_features`` give way; see the class docstring)."""
+        width = self._resolve_head_width()
+        head = self.head
+        budget = max(
+            SURROGATE_MAX_RATIO * sum(p.numel() for p in self.model.parameters()),
+            SURROGATE_MIN_PARAMS,
+        )
+        widths = [width, 0] if self.head_width == "auto" and width else [width]
+        kinds = [True, False] if gated and self.gate == "auto" else [gated]
+        options = [(g, w) for g in kinds for w in widths]
+
+        def size(g: bool, w: int, m: int) -> int:
+            return default_surrogate_size(self.model, head, m, n_outputs, w, gated=g)
+
+        for g, w in options:
+            if size(g, w, self.n_learned) <= budget:
+                return g, w
+        g, w = options[-1]
+        if self._auto_features:
+            fixed = size(g, w, 0)
+            per_feature = size(g, w, 1) - fixed
+            self.n_learned = max(1, min(self.n_learned, (budget - fixed) // max(per_feature, 1)))
+        return g, w
 
     def _ensure_surrogate(self, n_outputs: int, context: bool = False, x0: Any = None) -> nn.Module:
-        """Build the default surrogate unless there is one; ``x0`` (a batch) confirms the gated
-        structure on data (``gate="auto"`` falls back to the plain surrogate where it fails).
-        New weights come from a generator seeded with ``seed`` (the global RNG is not used)."""
+        """Build the default surrogate unless there is one, from :attr:`head`; ``x0`` (a
+        batch) confirms the gated structure on data (``gate="auto"`` falls back to the plain
+        surrogate where it fails). New weights come from a generator seeded with ``seed`` (the
+        global RNG is not used)."""
         if self.surrogate is None:
+            head = self.head
             last_layer = self._resolve_last_layer(n_outputs, context)
-            if last_layer is not False and x0 is not None:
-                last_layer = self._check_head_is_output(last_layer, x0)
             self.last_layer_used = last_layer
-            gated = self.gate_used = self._resolve_gate(last_layer)
+            gated = self._resolve_gate(last_layer)
+            gated, width = self._size_rule(n_outputs, gated, last_layer)
+            self.gate_used = gated
+            if head.output_layer is None and head.feature_layer:
+                warnings.warn(
+                    f"fastlla: the network's output is not the output of an nn.Linear: "
+                    f"{head.reason}. ScaLLA's default surrogate therefore assumes nothing about "
+                    "the output layer: no exact last-layer block, no gate and no residual head by "
+                    "default; its features are learned from the input of "
+                    f"{head.feature_layer!r}. Check "
+                    "kernel_fidelity, or pass surrogate=<nn.Module returning (B, M, C)>",
+                    UserWarning,
+                    stacklevel=4,
+                )
             if gated:
                 surrogate = last_layer_surrogate(
-                    self.model, self.n_learned, n_outputs, self.network.n_params, None,
-                    self._resolve_head_width(), gated=True, generator=self._generator(),
+                    self.model, self.n_learned, n_outputs, self.network.n_params, None, width,
+                    gated=True, generator=self._generator(), head=head,
                 )  # fmt: skip
                 if x0 is None or surrogate.learned.check(x0):
                     self.surrogate = surrogate
@@ -315,14 +409,14 @@ class ScaLLA(LaplaceBase):
                 self.gate_used = False
             if last_layer is False:
                 self.surrogate = default_surrogate(
-                    self.model, self.n_learned, n_outputs, self.network.n_params,
-                    self._resolve_head_width(), generator=self._generator(),
+                    self.model, self.n_learned, n_outputs, self.network.n_params, width,
+                    generator=self._generator(), head=head,
                 )  # fmt: skip
             else:
                 rank = None if last_layer is True else int(last_layer)
                 self.surrogate = last_layer_surrogate(
-                    self.model, self.n_learned, n_outputs, self.network.n_params, rank,
-                    self._resolve_head_width(), generator=self._generator(),
+                    self.model, self.n_learned, n_outputs, self.network.n_params, rank, width,
+                    generator=self._generator(), head=head,
                 )  # fmt: skip
         return self.surrogate
 
@@ -332,8 +426,21 @@ class ScaLLA(LaplaceBase):
         return torch.Generator().manual_seed(self.seed + offset)
 
     def _residual_head(self, n_outputs: int) -> ResidualHead:
-        """A new :class:`ResidualHead`, initialised from ``seed + 1``."""
-        return ResidualHead(self.model, n_outputs, generator=self._generator(1))
+        """A new :class:`ResidualHead` on the input of the verified output layer (or, where
+        there is none, of the last ``nn.Linear`` the network runs), initialised from ``seed + 1``;
+        ``ValueError`` where the network runs no ``nn.Linear``."""
+        head = self.head
+        name = head.output_layer if head.output_layer is not None else head.feature_layer
+        if not name:
+            raise ValueError(
+                "fastlla: the residual head reads the input of the network's last nn.Linear, and "
+                f"there is none: {head.reason}; use residual_variance='jvp' or False"
+            )
+        return ResidualHead(
+            self.model, n_outputs, generator=self._generator(1), head_name=name,
+            output_layer=head.output_layer is not None, pooled=head.pooled,
+            n_inputs=None if head.output_layer is not None else head.feature_width,
+        )  # fmt: skip
 
     def _surrogate_features(self, x: Any) -> Tensor:
         phi = surrogate_features(self.surrogate, x)
@@ -452,6 +559,7 @@ class ScaLLA(LaplaceBase):
             self._check_outputs(f0)
             self._check_network(x0, f0)
             self.n_outputs = f0.shape[-1]
+            self._head = find_head(self.model, x0)
             surrogate = self._ensure_surrogate(self.n_outputs, context_loader is not None, x0)
             surrogate.to(device=self.device)
             learned = getattr(surrogate, "learned", surrogate)
@@ -520,7 +628,7 @@ class ScaLLA(LaplaceBase):
         rhead, r_opt, r_sched = None, None, None
         classification = self.likelihood is Likelihood.CLASSIFICATION
         mode = self.residual_variance
-        if mode == "head" or (mode == "auto" and classification):
+        if mode == "head" or (mode == "auto" and classification and self._verified_head()):
             try:
                 rhead = self.residual_head = self._residual_head(self.n_outputs)
             except ValueError:  # no nn.Linear to read penultimate features from
@@ -557,7 +665,7 @@ class ScaLLA(LaplaceBase):
                 n_train = batch_size(x)
                 if context_batches is not None:
                     x = concat_batches(x, next(context_batches))
-                tangents = sampler.tangents(step, p0.device, p0.dtype)
+                tangents = sampler.tangents(step, p0.device, self.dtype)
                 _, z = sampler.project(x, step, tangents)
                 psi = None
                 if exact_block is not None:
@@ -687,7 +795,7 @@ class ScaLLA(LaplaceBase):
         while done < n_projections:
             n = min(16, n_projections - done)
             sampler = ProjectionSampler(self.network, n, "rademacher", self.seed + 7919 + done)
-            tangents = sampler.tangents(0, p0.device, p0.dtype)
+            tangents = sampler.tangents(0, p0.device, self.dtype)
             _, z = sampler.project(x, 0, tangents)
             if exact_block is not None:
                 z = z - exact_block.head_jvp(tangents, psi, self.network.names)
@@ -713,7 +821,7 @@ class ScaLLA(LaplaceBase):
             if isinstance(batch, Mapping):  # a dict batch: every entry but the target is input
                 batch = {k: v for k, v in batch.items() if k != self.dict_key_y}
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = to_device(self._model_input(x), self.device, self.dtype)
+            x = to_device(self._model_input(x), self.device, self.input_dtype)
             check_finite("the inputs of context_loader", x)
             if batch_size(x) == 0:
                 continue
@@ -828,17 +936,20 @@ class ScaLLA(LaplaceBase):
         mode = self.residual_mode
         exact = self.surrogate if isinstance(self.surrogate, LastLayerSurrogate) else None
         head_name = exact.head_name if exact is not None else None
+        pooled = exact is not None and exact.pooled
         if mode == "head" and self.residual_head is not None:
             head_name = self.residual_head.head_name
+            pooled = self.residual_head.pooled
         with torch.no_grad():
             if head_name is None:
                 f, psi = self.network.output(x), None
             else:
                 bias = exact.has_bias if exact is not None else self.residual_head.has_bias
                 f, psi = forward_with_penultimate(
-                    self.model, head_name, x, bias, head_is_output=exact is not None
-                )
-                f = f.unsqueeze(-1) if f.dim() == 1 else f
+                    self.model, head_name, x, bias, head_is_output=exact is not None,
+                    pooled=pooled,
+                )  # fmt: skip
+                f = f.to(self.dtype).unsqueeze(-1) if f.dim() == 1 else f.to(self.dtype)
             # finiteness is checked on the covariance (B·C² values, not B·M·C): NaN/Inf propagate
             if exact is None:
                 phi = check_surrogate_output(
@@ -927,7 +1038,7 @@ class ScaLLA(LaplaceBase):
         """
         if self.surrogate is None or self.n_outputs is None:
             raise RuntimeError("fastlla: call ScaLLA.fit(train_loader) first")
-        x = to_device(self._model_input(x), self.device, self.dtype)
+        x = to_device(self._model_input(x), self.device, self.input_dtype)
         check_finite("the inputs", x)
         with torch.no_grad():
             phi = self._surrogate_features(x).double()
@@ -974,6 +1085,7 @@ class ScaLLA(LaplaceBase):
             ),
             gate=isinstance(getattr(self.surrogate, "learned", None), GatedSurrogate),
             seed=self.seed,
+            head=None if self._head is None else dataclasses.asdict(self._head),
             surrogate=self.surrogate.state_dict(),
             residual_head=None if self.residual_head is None else self.residual_head.state_dict(),
             H=self.posterior.H,
@@ -991,7 +1103,7 @@ class ScaLLA(LaplaceBase):
         """
         base = self._validated_base_state(
             state, ("n_features", "seed", "surrogate", "H"),
-            ("n_learned", "last_layer", "head_width", "gate", "residual_head"),
+            ("n_learned", "last_layer", "head_width", "gate", "residual_head", "head"),
         )  # fmt: skip
         n_features = _state_int(state, "n_features", minimum=1)
         n_learned = _state_int(state, "n_learned", minimum=0) if "n_learned" in state else n_features
@@ -1012,6 +1124,7 @@ class ScaLLA(LaplaceBase):
         new.__dict__.update(
             base, n_features=n_features, n_learned=n_learned, last_layer=last_layer,
             head_width=head_width, gate=gate, seed=_state_int(state, "seed"),
+            _head=_state_head(state), _auto_features=False,
         )  # fmt: skip
         try:
             surrogate = new._ensure_surrogate(base["n_outputs"])
@@ -1048,6 +1161,20 @@ class ScaLLA(LaplaceBase):
             self.__dict__.update(new.__dict__)
             self.residual_head, self.posterior = rhead, posterior
             self._mark_fitted()
+
+
+def _state_head(state: dict[str, Any]) -> NetworkHead | None:
+    """The :class:`~fastlla.surrogate.NetworkHead` a state saved (``None``: saved without one)."""
+    saved = state.get("head")
+    if saved is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(NetworkHead)}
+    if not isinstance(saved, Mapping) or set(saved) != fields:
+        raise ValueError(
+            f"fastlla: state_dict['head'] must be a dict with the keys {sorted(fields)}"
+        )
+    gate = saved["gate"]
+    return NetworkHead(**{**saved, "gate": None if gate is None else tuple(gate)})
 
 
 def _surrogate_n_features(surrogate: nn.Module) -> int | None:

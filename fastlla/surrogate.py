@@ -1,7 +1,9 @@
 """Surrogate networks ``g(x) ∈ R^{M×C}`` whose inner products learn the neural tangent kernel.
 
-Any ``nn.Module`` mapping a batch to ``(B, M, C)`` can serve. :func:`default_surrogate` builds
-one from the user's network: a copy of its trunk (everything before its last ``nn.Linear``,
+Any ``nn.Module`` mapping a batch to ``(B, M, C)`` can serve. :func:`find_head` reads, by
+running the network on a batch, which ``nn.Linear`` produces its output (verified:
+``f = W φ + b``) or, failing that, the last one it runs. :func:`default_surrogate` builds
+one from the user's network: a copy of its trunk (everything before its output layer,
 warm-started from the network's own weights, since the NTK is largely a function of the
 network's own features) plus a new head to ``M·C`` outputs (linear, or with a hidden layer of
 ``head_width`` units), times a scale set so the surrogate's kernel starts at the NTK's
@@ -18,7 +20,7 @@ LLA's as ``M`` grows. 128 is the default; use 256–512 when the
 predictive variance matters more than speed, and keep ``M`` well below ``N·C``.
 
 By default (``ScaLLA(last_layer="auto")``) :class:`LastLayerSurrogate` adds, beside the ``M``
-learned features, the *exact* features of the network's last ``nn.Linear`` — ``(h+1)·C`` of
+learned features, the *exact* features of the network's output layer — ``(h+1)·C`` of
 them, or ``k·C`` for its top-``k`` principal input directions when that is over 1024 — so the
 posterior has ``M + (h+1)·C`` features (590 on the digits CNN with ``M = 100``). The learned
 ones then only fit the rest of the kernel. Where the network ends ``Linear → σ → Linear``
@@ -33,15 +35,19 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .functional import batch_size, call_module
+from .functional import batch_size, call_module, cast_inputs, compute_dtype
 
 __all__ = [
     "Surrogate",
+    "NetworkHead",
+    "find_head",
+    "InputOf",
     "LastLayerSurrogate",
     "GatedSurrogate",
     "gated_structure",
@@ -117,6 +123,7 @@ class Surrogate(nn.Module):
         self.register_buffer("output_scale", torch.tensor(1.0))
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        args, kwargs = cast_inputs(args, kwargs, self.output_scale.dtype)  # half networks
         h = self.trunk(*args, **kwargs)
         h = h.reshape(h.shape[0], -1)
         out = self.head(h) * self.output_scale
@@ -142,14 +149,18 @@ class LastLayerSurrogate(nn.Module):
     ----------
     learned : the learned-feature surrogate.
     model : the pre-trained network (read, never trained; not a submodule, so it is not saved).
-    head_name : qualified name of its last ``nn.Linear``.
+    head_name : qualified name of its output layer (an ``nn.Linear``, :func:`find_head`).
     rank : ``k``; ``None`` keeps all ``h + 1`` directions.
+    pooled : the output layer runs per position and the network pools its outputs
+        (:class:`NetworkHead`): ``ψ`` is read from the network with the layer removed.
     """
 
     def __init__(
-        self, learned: nn.Module, model: nn.Module, head_name: str, rank: int | None = None
-    ):
+        self, learned: nn.Module, model: nn.Module, head_name: str, rank: int | None = None,
+        pooled: bool = False,
+    ):  # fmt: skip
         super().__init__()
+        self.pooled = bool(pooled)  # ψ read with the head removed (NetworkHead.pooled)
         head = model.get_submodule(head_name)
         if not isinstance(head, nn.Linear):
             raise ValueError(f"fastlla: {head_name!r} is not an nn.Linear")
@@ -162,7 +173,9 @@ class LastLayerSurrogate(nn.Module):
         if not 1 <= k <= width:
             raise ValueError(f"fastlla: last-layer rank must be in [1, {width}], got {rank}")
         w = head.weight
-        self.register_buffer("basis", torch.eye(width, dtype=w.dtype, device=w.device)[:, :k])
+        self.register_buffer(
+            "basis", torch.eye(width, dtype=compute_dtype(w.dtype), device=w.device)[:, :k]
+        )
         self.n_learned = int(getattr(learned, "n_features", 0))
         self.n_outputs = head.out_features
         self.rank = k
@@ -177,7 +190,8 @@ class LastLayerSurrogate(nn.Module):
 
     def psi(self, x: Any) -> Tensor:
         """``ψ(x) = [φ(x); 1]`` (B, h+1) of the network itself (no gradient)."""
-        return penultimate(self._model[0], self.head_name, x, self.has_bias).to(self.basis.dtype)
+        psi = penultimate(self._model[0], self.head_name, x, self.has_bias, self.pooled)
+        return psi.to(self.basis.dtype)
 
     def coefficients(self, psi: Tensor) -> Tensor:
         """``a = Uᵀψ`` (B, k): the exact features are ``a ⊗ I_C``."""
@@ -325,7 +339,7 @@ class GatedSurrogate(nn.Module):
         )
         self.register_buffer("output_scale", torch.tensor(1.0))
         w = head.weight
-        self.to(device=w.device, dtype=w.dtype)
+        self.to(device=w.device, dtype=compute_dtype(w.dtype))
 
     def gate(self, phi: Tensor) -> Tensor:
         """``σ'(z)`` (B, h) from the network's penultimate activations ``φ = σ(z)``."""
@@ -338,6 +352,7 @@ class GatedSurrogate(nn.Module):
 
     def features(self, phi: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """``g(x)`` (B, M, C) given ``φ(x)`` (B, h), the input of the network's head."""
+        args, kwargs = cast_inputs(args, kwargs, self.output_scale.dtype)  # half networks
         u = self.trunk(*args, **kwargs)
         H = self.hidden_features(u.reshape(u.shape[0], -1))
         gated = self.gate(phi.reshape(u.shape[0], -1)).to(H.dtype)[:, None, :] * self.head_weight
@@ -362,13 +377,203 @@ class GatedSurrogate(nn.Module):
         return bool(same and torch.equal(a_in, z) and torch.equal(h_in, a_out))
 
 
-def penultimate(model: nn.Module, head_name: str, x: Any, bias: bool = True) -> Tensor:
-    """``[φ(x); 1]`` (or ``φ(x)``): the input of the module ``head_name`` of ``model``, no grad."""
+@dataclass(frozen=True)
+class NetworkHead:
+    """How a network produces its output, read by running it (:func:`find_head`).
+
+    ``output_layer``: the ``nn.Linear`` whose output *is* the network's output, verified on a
+    batch: it runs once, on ``(B, h)`` inputs ``φ``, and ``f(x) = W φ(x) + b`` to float
+    tolerance — what the exact last-layer block, the gate and the residual head assume; ``None``
+    otherwise, ``reason`` saying why. ``feature_layer``: the last ``nn.Linear`` the forward pass
+    calls (``None`` if none, if the model is one, or if it runs per position without being a
+    pooled output layer: no fallback for those); its ``(B, h)`` input feeds the fallback
+    surrogate (``feature_width = h``). ``gate``: ``(linear, activation,
+    output_layer)`` where the output layer reads an elementwise activation of
+    :data:`ACTIVATION_GRADIENTS` that reads an ``nn.Linear`` (each run once), else ``None``.
+    ``pooled``: the output layer runs per position (e.g. per token, ``(B, T, h)`` inputs) and the
+    network pools its outputs linearly (the last token, the mean over tokens), so
+    ``f = W ψ + b`` with ``ψ`` the network's output with that layer replaced by the identity
+    (:func:`without_module`), checked to float tolerance; ``ψ`` is then read by that second pass.
+    """
+
+    output_layer: str | None
+    feature_layer: str | None
+    feature_width: int = 0
+    reason: str = ""
+    gate: tuple[str, str, str] | None = None
+    pooled: bool = False
+
+    @classmethod
+    def registered(cls, model: nn.Module) -> NetworkHead:
+        """The last *registered* ``nn.Linear`` taken as the output layer, unverified: how
+        estimators saved before execution-based detection were built (their state has no
+        ``head`` entry), and the default of the surrogate builders called without a head."""
+        name, linear = last_linear(model)
+        return cls(name, name, linear.in_features, "", gated_structure(model))
+
+
+def find_head(model: nn.Module, x: Any) -> NetworkHead:
+    """Read the network's output layer and penultimate features from one forward pass on ``x``.
+
+    Every ``nn.Linear`` and elementwise activation is tapped (:func:`tapped_network`: the model
+    itself is not changed, no hooks are registered); the last ``nn.Linear`` to run is the
+    candidate, and it is the output layer only if it runs once on ``(B, h)`` inputs ``φ`` and
+    the network's output equals ``W φ + b`` to ``16·h·ε`` relative to ``|W||φ| + |b|``
+    (computed in float64) — or, where it runs once per position, the network with it replaced by
+    the identity gives ``ψ`` with ``f = W ψ + b`` (``pooled``). See :class:`NetworkHead`.
+    """
+    names = [
+        n for n, m in model.named_modules()
+        if n and (isinstance(m, nn.Linear) or type(m) in ACTIVATION_GRADIENTS)
+    ]  # fmt: skip
+    calls: list[tuple[str, Any, Any]] = []
+    tapped, _ = tapped_network(model, names, calls)
+    with torch.no_grad():
+        out = call_module(tapped, x)
+    linear_calls = [c for c in calls if isinstance(model.get_submodule(c[0]), nn.Linear)]
+    if not linear_calls:
+        return NetworkHead(None, None, 0, "its forward pass calls no nn.Linear (other than itself)")
+    name, phi, _ = linear_calls[-1]
+    width = phi[0].numel() if isinstance(phi, Tensor) and phi.dim() > 0 else 0
+    head: nn.Linear = model.get_submodule(name)
+    runs = sum(c[0] == name for c in calls)
+    reason = ""
+    if runs != 1:
+        reason = f"its last nn.Linear {name!r} runs {runs} times in one forward pass"
+    elif not isinstance(phi, Tensor) or phi.dim() != 2:
+        shape = tuple(phi.shape) if isinstance(phi, Tensor) else type(phi).__name__
+        reason = (
+            f"its last nn.Linear {name!r} is applied per position (input of shape {shape}, not "
+            "(B, h)), e.g. a per-token head"
+        )
+    else:
+        reason = _affine_mismatch(out, phi, head)
+    if reason and runs == 1:  # a per-token head with pooled outputs: f = W ψ + b, ψ pooled too
+        with torch.no_grad():
+            psi = call_module(without_module(model, name), x)
+        B = phi.shape[0] if isinstance(phi, Tensor) and phi.dim() else -1
+        if (
+            isinstance(psi, Tensor) and psi.dim() == 2 and psi.shape == (B, head.in_features)
+            and not _affine_mismatch(out, psi, head, pooled=True)
+        ):  # fmt: skip
+            return NetworkHead(name, name, head.in_features, "", None, pooled=True)
+    if reason and isinstance(phi, Tensor) and phi.dim() > 2:  # per position, not pooled linearly
+        return NetworkHead(None, None, 0, reason + (
+            ", and the network does not return its outputs at one position (e.g. the last "
+            "token) or averaged over positions"
+        ))  # fmt: skip
+    if reason:
+        return NetworkHead(None, name, width, reason)
+    return NetworkHead(name, name, width, "", _gate_by_execution(model, calls, name))
+
+
+def _affine_mismatch(out: Any, phi: Tensor, head: nn.Linear, pooled: bool = False) -> str:
+    """``""`` when ``out`` equals ``head(phi)`` to float tolerance, else why not (``pooled``:
+    also allow the rounding of pooling the head's outputs rather than its inputs, ``|f|``)."""
+    name = "its last nn.Linear"
+    if not isinstance(out, Tensor) or out.dim() not in (1, 2) or out.shape[0] != phi.shape[0]:
+        return f"its output is not a (B, C) tensor computed by {name}"
+    f = out.detach().reshape(phi.shape[0], -1).double()
+    if f.shape[1] != head.out_features:
+        return (
+            f"its output has {f.shape[1]} values per input, {name} computes {head.out_features}"
+        )
+    W = head.weight.detach().double()
+    b = head.bias.detach().double() if head.bias is not None else W.new_zeros(W.shape[0])
+    p = phi.detach().double()
+    expected = p @ W.mT + b
+    scale = p.abs() @ W.abs().mT + b.abs()
+    if pooled:
+        scale = scale + f.abs().amax(1, keepdim=True)
+    eps = torch.finfo(out.dtype).eps if out.is_floating_point() else 0.0
+    if not bool(((f - expected).abs() <= 16 * phi.shape[1] * eps * scale + 1e-300).all()):
+        return f"its output is not W φ + b of {name}: the logits are transformed after it"
+    return ""
+
+
+def _gate_by_execution(
+    model: nn.Module, calls: list[tuple[str, Any, Any]], head: str
+) -> tuple[str, str, str] | None:
+    """``(linear, activation, head)`` where, in the recorded ``calls``, the head's input is the
+    very tensor returned by an activation of :data:`ACTIVATION_GRADIENTS` whose input is the
+    tensor returned by an ``nn.Linear`` with ``h`` outputs, each run once; ``None`` otherwise (equal values are not
+    enough: a frozen identity layer in between would be skipped)."""
+    count = {n: sum(c[0] == n for c in calls) for n, _, _ in calls}
+    last = {n: (i, o) for n, i, o in calls}
+
+    def producer(t: Tensor, kind: Any) -> str | None:
+        found = [
+            n for n, (_, o) in last.items()
+            if count[n] == 1 and isinstance(model.get_submodule(n), kind) and o is t
+        ]  # fmt: skip
+        return found[-1] if found else None
+
+    act_name = producer(last[head][0], tuple(ACTIVATION_GRADIENTS))
+    if act_name is None:
+        return None
+    act = model.get_submodule(act_name)
+    if isinstance(act, nn.LeakyReLU) and act.negative_slope <= 0:
+        return None
+    lin_name = producer(last[act_name][0], nn.Linear)
+    if lin_name is None:
+        return None
+    if model.get_submodule(lin_name).out_features != model.get_submodule(head).in_features:
+        return None
+    return lin_name, act_name, head
+
+
+
+
+class InputOf(nn.Module):
+    """The input of the submodule ``name`` of ``network`` as the network runs, flattened to
+    ``(B, -1)``: the features of the fallback surrogate, which assumes nothing about what the
+    network computes after that layer. Read per call through :func:`tapped_network`."""
+
+    def __init__(self, network: nn.Module, name: str):
+        super().__init__()
+        self.network, self.name = network, name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        tapped, seen = tapped_network(self.network, [self.name])
+        tapped(*args, **kwargs)
+        if self.name not in seen:
+            raise ValueError(f"fastlla: the network's forward pass did not call {self.name!r}")
+        u = seen[self.name][0]
+        return u.reshape(u.shape[0], -1)
+
+
+def penultimate(
+    model: nn.Module, head_name: str, x: Any, bias: bool = True, pooled: bool = False
+) -> Tensor:
+    """``[φ(x); 1]`` (or ``φ(x)``): the input of the module ``head_name`` of ``model``, no grad;
+    ``pooled``: the output of the network with that module replaced by the identity
+    (:func:`without_module`; the head's input pooled as the network pools its outputs)."""
+    if pooled:
+        with torch.no_grad():
+            psi = call_module(without_module(model, head_name), x)
+        psi = psi.reshape(psi.shape[0], -1)
+        return torch.cat([psi, psi.new_ones(psi.shape[0], 1)], dim=1) if bias else psi
     return forward_with_penultimate(model, head_name, x, bias)[1]
 
 
+def without_module(model: nn.Module, name: str) -> nn.Module:
+    """A stand-in for ``model`` with its submodule ``name`` replaced by the identity, built per
+    call like :func:`tapped_network` (shallow copies of the modules on the path; the parameters,
+    buffers and every other module are ``model``'s own; ``model`` is not changed)."""
+    parent_name, _, attr = name.rpartition(".")
+    root = _shallow_copy(model)
+    parent = root
+    for part in parent_name.split(".") if parent_name else []:
+        child = _shallow_copy(parent._modules[part])
+        parent._modules[part] = child
+        parent = child
+    parent._modules[attr] = nn.Identity()
+    return root
+
+
 def forward_with_penultimate(
-    model: nn.Module, head_name: str, x: Any, bias: bool = True, head_is_output: bool = False
+    model: nn.Module, head_name: str, x: Any, bias: bool = True, head_is_output: bool = False,
+    pooled: bool = False,
 ) -> tuple[Any, Tensor]:
     """The network's output and ``[φ(x); 1]`` (or ``φ(x)``) from one forward pass, no grad.
 
@@ -376,7 +581,21 @@ def forward_with_penultimate(
     check that the network returns that call's output (``f = Wφ + b``, what the exact last-layer
     block assumes). Raises ``ValueError`` when the module does not run (or, with
     ``head_is_output``, the output differs). ``model`` is not changed (:func:`tapped_network`).
+    ``pooled`` (a per-token head whose outputs the network pools, :class:`NetworkHead`): two
+    passes, the network's and :func:`penultimate`'s, and ``head_is_output`` checks
+    ``f = W ψ + b`` to float tolerance.
     """
+    if pooled:
+        with torch.no_grad():
+            out = call_module(model, x)
+        psi = penultimate(model, head_name, x, bias=False, pooled=True)
+        if head_is_output and _affine_mismatch(out, psi, model.get_submodule(head_name), True):
+            raise ValueError(
+                f"fastlla: the network's output is not the output of its module {head_name!r} "
+                "pooled as on the training batch, as the exact last-layer block assumes; pass "
+                "last_layer=False"
+            )
+        return out, torch.cat([psi, psi.new_ones(psi.shape[0], 1)], dim=1) if bias else psi
     tapped, seen = tapped_network(model, [head_name])
     with torch.no_grad():
         out = call_module(tapped, x)
@@ -416,9 +635,12 @@ def _same_values(out: Any, head_out: Any) -> bool:
     return bool(((a == b) | (a.isnan() & b.isnan())).all())  # NaN outputs are reported elsewhere
 
 
-def tapped_network(model: nn.Module, names: Any) -> tuple[nn.Module, dict[str, tuple[Any, Any]]]:
+def tapped_network(
+    model: nn.Module, names: Any, calls: list[tuple[str, Any, Any]] | None = None
+) -> tuple[nn.Module, dict[str, tuple[Any, Any]]]:
     """A stand-in for ``model`` that records the ``(first input, output)`` of the last call of
-    each of its submodules ``names`` into the returned dict, as ``model`` runs.
+    each of its submodules ``names`` into the returned dict, as ``model`` runs; ``calls``, if
+    given, also receives ``(name, first input, output)`` of every call, in the order they ran.
 
     Built per call, so concurrent calls share nothing they write. Hooks would change the user's
     module, and a hook registered by one thread also records (and slows) every other thread's
@@ -443,6 +665,8 @@ def tapped_network(model: nn.Module, names: Any) -> tuple[nn.Module, dict[str, t
         def forward(*args: Any, _name: str = name, _run: Any = original.forward, **kwargs: Any):
             out = _run(*args, **kwargs)
             seen[_name] = (args[0] if args else next(iter(kwargs.values()), None), out)
+            if calls is not None:
+                calls.append((_name, *seen[_name]))
             return out
 
         tap.__dict__["forward"] = forward  # an instance attribute: nn.Module.__call__ runs it
@@ -462,23 +686,31 @@ class ResidualHead(nn.Module):
     """``R(x) ∈ R^{C×C}`` with ``R Rᵀ ≈ κ(x, x) − g(x)ᵀg(x)``: the NTK's diagonal block the
     surrogate's features miss, for the residual prior variance ``R Rᵀ/δ`` (FITC-style).
 
-    A small MLP on the network's own penultimate features ``[φ(x); 1]`` (the input of its last
-    ``nn.Linear``, :func:`penultimate`). Trained beside the surrogate from the same JVPs: the
-    per-input target ``(1/S) Σ_s z_s z_sᵀ − g gᵀ`` is unbiased for the residual block, so the
+    A small MLP on the network's own penultimate features ``[φ(x); 1]``: the input of its
+    ``nn.Linear`` ``head_name`` (:func:`penultimate`; default: the last registered one), the
+    verified output layer of :func:`find_head` (``output_layer=True``) or, where there is none,
+    its ``feature_layer`` (``output_layer=False``: an exported predictor then reads that input
+    with :class:`InputOf` rather than from the network with the layer removed; ``n_inputs``:
+    the number of values of that input per example, flattened, when it is not ``(B, h)``).
+    Trained beside the surrogate from the same JVPs: the per-input target ``(1/S) Σ_s z_s z_sᵀ − g gᵀ`` is unbiased for the residual block, so the
     squared error's gradient is unbiased too. Initial weights from
     ``generator`` (global RNG if ``None``).
     """
 
     def __init__(
         self, model: nn.Module, n_outputs: int, hidden: int = 128,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, head_name: str | None = None,
+        output_layer: bool = True, pooled: bool = False, n_inputs: int | None = None,
     ):  # fmt: skip
         super().__init__()
-        name, linear = last_linear(model)
+        self.pooled = bool(pooled)
+        name = head_name if head_name is not None else last_linear(model)[0]
+        linear = model.get_submodule(name)
+        self.output_layer = bool(output_layer)  # whether `name` gives the network's output
         self._model = (model,)
         self.head_name = name
         self.has_bias = linear.bias is not None
-        width = linear.in_features + int(self.has_bias)
+        width = (linear.in_features if n_inputs is None else int(n_inputs)) + int(self.has_bias)
         self.n_outputs = n_outputs
         self.net = nn.Sequential(
             seeded_linear(width, hidden, generator),
@@ -487,12 +719,12 @@ class ResidualHead(nn.Module):
         )
         self.register_buffer("output_scale", torch.tensor(1.0))
         w = linear.weight
-        self.to(device=w.device, dtype=w.dtype)
+        self.to(device=w.device, dtype=compute_dtype(w.dtype))
 
     def forward(self, x: Any, psi: Tensor | None = None) -> Tensor:
         """The factor ``R(x)`` (B, C, C)."""
         if psi is None:
-            psi = penultimate(self._model[0], self.head_name, x, self.has_bias)
+            psi = penultimate(self._model[0], self.head_name, x, self.has_bias, self.pooled)
         C = self.n_outputs
         return self.net(psi.to(self.output_scale.dtype)).view(-1, C, C) * self.output_scale
 
@@ -511,34 +743,87 @@ def trainable_copy_without(model: nn.Module, names: Any) -> nn.Module:
 
 def default_surrogate(
     model: nn.Module, n_features: int, n_outputs: int, n_params: int, head_width: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, head: NetworkHead | None = None,
 ) -> Surrogate:
     """The trunk of ``model`` (copied, trainable) plus a head to ``n_features × n_outputs``
     (linear, or with one hidden layer of ``head_width`` units), initialised from ``generator``
-    (the global RNG when ``None``)."""
+    (the global RNG when ``None``).
+
+    ``head`` (:func:`find_head`; default :meth:`NetworkHead.registered`): with a verified output
+    layer the trunk is the network with that layer replaced by the identity; without one, the
+    fallback: the input of its ``feature_layer`` in a trainable copy of the whole network
+    (:class:`InputOf`). Raises ``ValueError`` when there is neither.
+    """
     if n_features < 1:
         raise ValueError(f"fastlla: n_features must be at least 1, got {n_features}")
-    name, linear = last_linear(model)
-    if name == "":
+    head = head or NetworkHead.registered(model)
+    if head.output_layer == "" or (head.output_layer is None and not head.feature_layer):
         raise ValueError(
-            "fastlla: the model is a single nn.Linear; pass surrogate=<nn.Module> explicitly"
+            "fastlla: cannot build a default surrogate for this model ("
+            + (head.reason or "it is a single nn.Linear")
+            + "); pass surrogate=<nn.Module returning (B, M, C)>"
         )
-    trunk = trainable_copy_without(model, [name])
-    surrogate = Surrogate(trunk, linear.in_features, n_features, n_outputs, head_width, generator)
-    p0 = linear.weight
-    surrogate = surrogate.to(device=p0.device, dtype=p0.dtype).eval()
+    if head.output_layer is not None:
+        trunk = trainable_copy_without(model, [head.output_layer])
+        width = model.get_submodule(head.output_layer).in_features
+    else:
+        trunk = InputOf(trainable_copy_without(model, []), head.feature_layer)
+        width = head.feature_width
+    surrogate = Surrogate(trunk, width, n_features, n_outputs, head_width, generator)
+    p0 = next(model.parameters())
+    surrogate = surrogate.to(device=p0.device, dtype=compute_dtype(p0.dtype)).eval()
     surrogate.output_scale.fill_(math.sqrt(n_params / n_features))
     return surrogate
+
+
+def default_surrogate_size(
+    model: nn.Module, head: NetworkHead, n_features: int, n_outputs: int, head_width: int,
+    gated: bool = False,
+) -> int:
+    """The number of parameters :func:`default_surrogate` (or, ``gated``, the
+    :class:`GatedSurrogate` of :func:`last_layer_surrogate`) would have, without building it."""
+    own = {id(p): p.numel() for p in model.parameters()}
+    if gated:
+        dropped = head.gate
+    else:
+        dropped = (head.output_layer,) if head.output_layer is not None else ()
+    for name in dropped:
+        for p in model.get_submodule(name).parameters():
+            own.pop(id(p), None)
+    trunk = sum(own.values())
+    if gated:
+        linear = model.get_submodule(head.gate[0])
+        n_in, h = linear.in_features, linear.out_features
+        mlp = (n_in + 1) * head_width + (head_width + 1) * h * n_features if head_width else 0
+        return trunk + (n_in + 1) * h * n_features + mlp
+    width = (
+        model.get_submodule(head.output_layer).in_features
+        if head.output_layer is not None else head.feature_width
+    )  # fmt: skip
+    out = n_features * n_outputs
+    if head_width == 0:
+        return trunk + (width + 1) * out
+    return trunk + (width + 1) * head_width + (head_width + 1) * out
 
 
 def last_layer_surrogate(
     model: nn.Module, n_features: int, n_outputs: int, n_params: int, rank: int | None = None,
     head_width: int = 0, gated: bool = False, generator: torch.Generator | None = None,
+    head: NetworkHead | None = None,
 ) -> LastLayerSurrogate:
     """:func:`default_surrogate` (or, with ``gated``, a :class:`GatedSurrogate` with an MLP of
-    ``head_width`` units) for the learned features plus the exact last-layer block; new
-    weights drawn from ``generator`` (the global RNG when ``None``)."""
-    name, linear = last_linear(model)
+    ``head_width`` units) for the learned features plus the exact last-layer block of the
+    verified output layer of ``head`` (:func:`find_head`; default
+    :meth:`NetworkHead.registered`); new weights drawn from ``generator`` (the global RNG when
+    ``None``)."""
+    head = head or NetworkHead.registered(model)
+    if head.output_layer is None:
+        raise ValueError(
+            f"fastlla: the exact last-layer block needs an output layer: {head.reason}; pass "
+            "last_layer=False"
+        )
+    name = head.output_layer
+    linear = model.get_submodule(name)
     trainable = linear.weight.requires_grad and (linear.bias is None or linear.bias.requires_grad)
     if not trainable:
         raise ValueError(
@@ -548,12 +833,16 @@ def last_layer_surrogate(
     if gated and rank is not None:
         raise ValueError("fastlla: a gated surrogate needs the full exact last-layer block (rank None)")
     if gated:
-        learned = GatedSurrogate(model, n_features, n_outputs, head_width, generator=generator)
+        learned = GatedSurrogate(
+            model, n_features, n_outputs, head_width, structure=head.gate, generator=generator
+        )
         learned.output_scale.fill_(math.sqrt(n_params / n_features))
     else:
-        learned = default_surrogate(model, n_features, n_outputs, n_params, head_width, generator)
-    out = LastLayerSurrogate(learned, model, name, rank)
-    return out.to(device=linear.weight.device, dtype=linear.weight.dtype).eval()
+        learned = default_surrogate(
+            model, n_features, n_outputs, n_params, head_width, generator, head
+        )
+    out = LastLayerSurrogate(learned, model, name, rank, pooled=head.pooled)
+    return out.to(device=linear.weight.device, dtype=compute_dtype(linear.weight.dtype)).eval()
 
 
 def check_surrogate_output(
