@@ -881,7 +881,9 @@ class LaplaceBase:
         columns = [torch.cat(c) for c in zip(*outputs)]
         return float(torch.as_tensor(loss(*columns, torch.cat(targets))).sum())
 
-    def _nll_sum(self, f: Tensor, cov: Tensor, y: Tensor, link: str, n_samples: int) -> Tensor:
+    def _nll_sum(
+        self, f: Tensor, cov: Tensor, y: Tensor, link: str, n_samples: int = 100
+    ) -> Tensor:
         if self.likelihood is Likelihood.CLASSIFICATION:
             # log space: a confidently wrong point costs its (large, finite) −log p, never inf
             logp = log_class_probabilities(f, cov, link, n_samples=n_samples)

@@ -184,3 +184,99 @@ def test_per_layer_init_is_kept_per_layer():
     log_d = got.log().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(la.log_marginal_likelihood(log_d.exp()), log_d)
     assert float(grad.abs().max()) < 1e-3 * max(1.0, math.sqrt(float(got.square().sum())))
+
+
+# --------------------------------------------------------------------------- defaults, warnings
+def test_defaults_are_laplace_torchs_where_fastlla_does_not_document_its_own():
+    """The keywords shared with laplace-torch default as there, except those fastlla documents
+    as its own (``method``'s exact 1-D optimiser needs no Adam settings; ``prior_structure`` is
+    ``"scalar"``; ``grid_size`` 21)."""
+    import inspect
+
+    laplace = pytest.importorskip("laplace")
+    ours = inspect.signature(ExactLLA.optimize_prior_precision).parameters
+    theirs = inspect.signature(laplace.baselaplace.BaseLaplace.optimize_prior_precision).parameters
+    own = {"prior_structure": "scalar", "grid_size": None, "pred_type": "glm", "method": "marglik"}
+    for name, p in ours.items():
+        if name in own:
+            assert p.default == own[name], name
+        elif name in theirs:
+            default = getattr(theirs[name].default, "value", theirs[name].default)
+            assert p.default == default, (name, p.default, default)
+    assert ours["optimize_sigma_noise"].default is False
+
+
+def test_marglik_warns_about_a_val_loader_from_the_callers_line():
+    la, Xv, yv = fitted()
+    with pytest.warns(UserWarning, match=r"val_loader is ignored by method='marglik' \(did you mean "
+                      r"method='gridsearch'\?\)") as record:  # fmt: skip
+        la.optimize_prior_precision("marglik", loader(Xv, yv))
+    assert record[0].filename == __file__  # stacklevel: the user's call, not fastlla's
+    with pytest.raises(ValueError, match="^fastlla: method='gridsearch' needs a val_loader$"):
+        la.optimize_prior_precision("gridsearch")
+
+
+def test_grid_values_are_checked_by_name_and_a_grid_of_one_is_allowed():
+    la, Xv, yv = fitted()
+    with pytest.raises(ValueError, match=r"^fastlla: grid value must be positive and finite, got -1.0$"):
+        la.optimize_prior_precision("gridsearch", loader(Xv, yv), grid=[1.0, -1.0])
+    assert la.optimize_prior_precision("gridsearch", loader(Xv, yv), grid_size=1) == pytest.approx(1e-4)
+
+
+# --------------------------------------------------------------------------- marglik
+def test_marglik_maximiser_matches_the_oracle_evidence_in_float64():
+    """The 1-D optimiser finds the written-out evidence's maximiser to ~1e-6 in log δ (a float32
+    evidence would move it by ~1e-3)."""
+    from scipy.optimize import minimize_scalar
+
+    from test_laplace_compat import Oracle
+
+    X, y = data("classification", n_out=3, N=24)
+    model = model_for(n_out=3)
+    la = ExactLLA(model, "classification").fit(loader(X, y))
+    oracle = Oracle(model, "classification", X, y)
+    res = minimize_scalar(lambda t: -oracle.marglik(math.exp(t)), bounds=(-12, 12), method="bounded",
+                          options={"xatol": 1e-10})  # fmt: skip
+    got = la.optimize_prior_precision()
+    assert abs(math.log(got) - res.x) < 1e-5
+
+
+def test_marglik_search_bounds_and_sigma_only_when_asked():
+    """δ is searched over [e⁻¹², e¹²] and σ over [e⁻⁸, e⁶] (documented): a network with zero
+    weights fitting zero targets exactly pushes both to their bounds. σ moves only with
+    ``optimize_sigma_noise`` and only for regression."""
+    model = model_for()
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
+    X = data("regression")[0]
+    la = ExactLLA(model, "regression", sigma_noise=0.5).fit(loader(X, torch.zeros(len(X), 2, dtype=X.dtype)))
+    la.optimize_prior_precision()
+    assert float(la.sigma_noise) == 0.5
+    assert math.log(float(la.prior_precision)) == pytest.approx(12.0, abs=1e-6)
+    la.optimize_prior_precision(optimize_sigma_noise=True)
+    assert math.log(float(la.sigma_noise)) == pytest.approx(-8.0, abs=1e-6)
+    for structure in ("layerwise", "diag"):  # the Adam path: σ fixed unless asked
+        la.sigma_noise = 0.5
+        la.optimize_prior_precision(prior_structure=structure, n_steps=3)
+        assert float(la.sigma_noise) == 0.5
+
+
+def test_adam_path_tunes_sigma_to_the_evidences_stationary_point(capsys):
+    X, y = data("regression", N=24)
+    la = ExactLLA(model_for(), "regression", sigma_noise=1.0).fit(loader(X, y))
+    la.optimize_prior_precision(prior_structure="layerwise", optimize_sigma_noise=True,
+                                n_steps=600, lr=0.05, progress_bar=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "marglik" in err and "600/600" in err
+    log_d = la.prior_precision.log().clone().requires_grad_(True)
+    log_s = la.sigma_noise.log().clone().requires_grad_(True)
+    grads = torch.autograd.grad(la.log_marginal_likelihood(log_d.exp(), log_s.exp()), (log_d, log_s))
+    assert float(grads[1].abs()) < 1e-2 and float(grads[0].abs().max()) < 1e-2
+
+
+@pytest.mark.parametrize("peak", [-11.99, -3.3, 0.0, 7.1, 11.99])
+def test_maximise_1d_finds_a_peak_anywhere_in_the_interval(peak):
+    from fastlla.laplace import _maximise_1d
+
+    got = _maximise_1d(lambda t: -((t - peak) ** 2) - 0.1 * (t - peak) ** 4, -12.0, 12.0)
+    assert abs(got - peak) < 1e-7
