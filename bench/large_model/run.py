@@ -236,6 +236,7 @@ def main() -> None:
 
     with measure() as load_m:
         tokenizer, encoder = load_minilm(model_dir(args.weights))
+    torch.manual_seed(0)  # the head's initialisation
     model = SentenceClassifier(encoder, len(TOPICS))
     n = args.n_train_per_class
     train_text, y_train = make_data(n, seed=0)
