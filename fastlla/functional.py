@@ -158,6 +158,22 @@ def _call(module: nn.Module, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
     return functional_call(module, params, tuple(x))
 
 
+def _outputs(out: Any) -> Tensor:
+    """``out`` if the model returned a tensor; else a ``TypeError`` saying what to return."""
+    if isinstance(out, Tensor):
+        return out
+    hint = (
+        " (Hugging Face models return a ModelOutput: wrap the model in a module whose forward "
+        "returns `model(**batch).logits`)"
+        if hasattr(out, "logits")
+        else ""
+    )
+    raise TypeError(
+        f"fastlla: the model must return a tensor of outputs (B, C), got {type(out).__name__}; "
+        f"wrap it in a module that returns the outputs (logits for classification){hint}"
+    )
+
+
 def _private_copy(module: nn.Module) -> nn.Module:
     """``module``'s tree rebuilt from new module objects that hold the same tensors.
 
@@ -243,15 +259,15 @@ class NetworkFunction:
     def __call__(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
         """``f(x; params)`` as ``(B, C)``."""
         buffers = dict(self.model.named_buffers())
-        out = _call(self.model, {**buffers, **self.frozen, **params}, x).to(self.out_dtype)
+        out = _outputs(_call(self.model, {**buffers, **self.frozen, **params}, x)).to(self.out_dtype)
         return out.unsqueeze(-1) if out.dim() == 1 else out
 
     def output(self, x: Inputs) -> Tensor:
         """``f(x; θ*)`` as ``(B, C)``, no grad: the module itself runs (the same parameters as
         ``self(self.params(), x)``, without ``functional_call``'s re-binding cost)."""
         with torch.no_grad():
-            out = call_module(self.model, x)
-        if isinstance(out, Tensor) and out.is_floating_point():
+            out = _outputs(call_module(self.model, x))
+        if out.is_floating_point():
             out = out.to(self.out_dtype)
         return out.unsqueeze(-1) if out.dim() == 1 else out
 

@@ -16,6 +16,9 @@ python -m pip install -q setuptools wheel ninja pybind11 numpy tqdm scikit-learn
 python -m pip install -q --no-deps "laplace-torch==0.3" asdfghjkl backpack-for-pytorch \
     curvlinops-for-pytorch einops opt_einsum torchmetrics lightning_utilities unfoldNd einconv \
     jaxtyping wadler_lindig linear_operator
+# Hugging Face transformers/tokenizers/safetensors (the [hf] extra), for tests/test_transformers.py:
+# pure Python or self-contained wheels that do not depend on torch.
+python -m pip install -q "transformers>=5.0" tokenizers safetensors
 MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps -e .
 
 echo "== tests with the compiled library =="
