@@ -317,7 +317,7 @@ def test_default_surrogate_obeys_the_size_rule(make):
 
 
 def test_size_rule_leaves_the_digits_cnn_and_demo_defaults_unchanged():
-    from fastlla.models import MLP, DigitsCNN
+    from fastlla.apps.models import MLP, DigitsCNN
 
     torch.manual_seed(0)
     for model, x, M in ((DigitsCNN(10), torch.randn(8, 64), None), (MLP(10, 1, hidden=(50, 50)), torch.randn(8, 10), 64)):
