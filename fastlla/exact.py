@@ -26,19 +26,9 @@ from . import _ops
 from .functional import NetworkFunction, batch_size, call_module, slice_batch
 from .laplace import LaplaceBase, _state_int, _state_tensor
 from .posterior import FeaturePosterior, psd_safe_cholesky
-from .predictive import Likelihood, standard_normal
+from .predictive import Likelihood, softmax_hessian_factor, standard_normal
 
 __all__ = ["ExactLLA", "softmax_hessian_factor"]
-
-
-def softmax_hessian_factor(logits: Tensor) -> Tensor:
-    """``R`` with ``R Rᵀ = diag(p) − p pᵀ``, ``p = softmax(logits)``: ``diag(√p) − p √pᵀ``.
-
-    ``logits`` (N, C) → (N, C, C).
-    """
-    p = torch.softmax(logits, dim=-1)
-    sqrt_p = p.sqrt()
-    return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
 
 
 SUBSETS = ("all", "last_layer", "subnetwork")

@@ -36,10 +36,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .functional import LOW_PRECISION, NetworkFunction
 from .posterior import kron_covariance
 from .predictive import Likelihood, laplace_bridge, probit
-from .functional import LOW_PRECISION
-from .surrogate import GatedSurrogate, InputOf, LastLayerSurrogate
+from .scalla_settings import (
+    build_residual_head,
+    build_surrogate,
+    check_options,
+    resolve,
+    resolve_residual_variance,
+)
+from .surrogate import GatedSurrogate, InputOf, LastLayerSurrogate, NetworkHead
 
 __all__ = ["Predictor"]
 
@@ -208,25 +215,36 @@ class Predictor(nn.Module):
         had one (``None``: as a ``fit`` with kernel-matching steps under ``scalla_options``
         leaves it). ``predictor_options`` go to the constructor.
         """
-        from .scalla import ScaLLA
-
         if n_features is not None and surrogate is None:
             scalla_options["n_features"] = n_features
+        options = check_options(**scalla_options)  # ScaLLA's keyword options, checked as it does
+        parsed = Likelihood.parse(likelihood)
         memo: dict[int, Any] = {}  # work on copies: the caller's modules stay as they were
-        model = copy.deepcopy(model, memo)
+        model = copy.deepcopy(model, memo).eval()
         surrogate = copy.deepcopy(surrogate, memo)
-        estimator = ScaLLA(model, likelihood, **scalla_options)
-        if surrogate is None:
-            surrogate = estimator._ensure_surrogate(n_outputs)
+        if surrogate is None:  # built as ScaLLA builds its default before a fit reads the head
+            network_head = NetworkHead.registered(model)
+            settings = resolve(
+                model, network_head, n_outputs, last_layer=options["last_layer"],
+                gate=options["gate"], head_width=options["head_width"],
+                n_features=options["n_features"], auto_features=options["auto_features"],
+            )  # fmt: skip
+            n_params = NetworkFunction(model).n_params
+            surrogate, _ = build_surrogate(
+                model, settings, network_head, n_outputs, n_params, options["seed"]
+            )
             n_features = None
         if n_features is None:
             n_features = _n_features(surrogate)
         head = None
         if residual_head is None:
-            residual_head = getattr(estimator, "residual_variance", False) in ("auto", "head")
+            mode = resolve_residual_variance(options["residual_variance"], parsed)
+            residual_head = mode in ("auto", "head")
         if residual_head:
             try:
-                head = estimator._residual_head(n_outputs)
+                head = build_residual_head(
+                    model, NetworkHead.registered(model), n_outputs, options["seed"]
+                )
             except ValueError:
                 head = None
         options = dict(predictor_options or {}, residual_head=head)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import _ops, distributed
 from .augment import mixup
+from .export import Predictor
 from .functional import (
     batch_size,
     check_finite,
@@ -41,21 +42,25 @@ from .functional import (
 )
 from .laplace import LaplaceBase, _state_int, _state_tensor, check_module_state
 from .posterior import FeaturePosterior, compress_factor
-from .predictive import Likelihood
+from .predictive import Likelihood, softmax_hessian_factor
 from .projections import ProjectionSampler, stack_rows
+from .scalla_settings import (
+    Settings,
+    build_residual_head,
+    build_surrogate,
+    check_options,
+    resolve,
+    resolve_residual_variance,
+)
 from .surrogate import (
-    ACTIVATION_GRADIENTS,
     GatedSurrogate,
     LastLayerSurrogate,
     ResidualHead,
     Surrogate,
     check_surrogate_output,
     NetworkHead,
-    default_surrogate,
-    default_surrogate_size,
     find_head,
     forward_with_penultimate,
-    last_layer_surrogate,
     surrogate_features,
 )
 
@@ -76,21 +81,6 @@ class PredictiveFeatures:
     residual: Tensor | None = None
 
 
-#: ``head_width="auto"``: a hidden head layer this wide when the penultimate layer is narrower.
-HEAD_WIDTH = 512
-#: ``gate="auto"``: at most this many parameters in the gated surrogate's map to ``H``.
-GATE_MAX_PARAMS = 8_000_000
-#: Size rule of the default surrogate (``head_width="auto"``, ``gate="auto"``, ``n_features``
-#: left at its default): at most ``max(SURROGATE_MAX_RATIO · P, SURROGATE_MIN_PARAMS)``
-#: parameters, ``P`` the network's. The digits CNN's default (4.0M, 350× its 11.5k) and the
-#: demo MLPs' (1.8M) stay under the floor; a small network may get a 512-unit hidden head layer.
-SURROGATE_MAX_RATIO, SURROGATE_MIN_PARAMS = 100, 8_000_000
-#: ``n_features`` left at its default.
-DEFAULT_N_FEATURES = 128
-#: ``last_layer="auto"`` keeps at most this many exact last-layer features.
-LAST_LAYER_MAX_FEATURES = 1024
-#: Accepted values of ``residual_variance``.
-RESIDUAL_MODES = ("auto", False, None, "jvp", "head")
 #: ``iterations="auto"``: steps timed before the budget is set, and its bounds.
 AUTO_PROBE_STEPS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 10, 200, 20_000
 #: Steps at which the ``"auto"`` horizon is (re-)estimated: the first steps run slower (warm-up,
@@ -217,40 +207,22 @@ class ScaLLA(LaplaceBase):
             model, likelihood, sigma_noise, prior_precision, prior_mean, temperature,
             enable_backprop, dict_key_x, dict_key_y, backend, backend_kwargs, asdl_fisher_kwargs,
         )  # fmt: skip
-        if last_layer != "auto" and not isinstance(last_layer, (bool, int)):
-            raise TypeError(
-                f"fastlla: last_layer must be 'auto', a bool or an int rank, got {last_layer!r}"
-            )
+        options = check_options(
+            n_features, surrogate, seed, last_layer, residual_variance, head_width, gate
+        )
         self.last_layer = last_layer
-        if residual_variance not in RESIDUAL_MODES:
-            raise ValueError(
-                "fastlla: residual_variance must be 'auto', False, 'jvp' or 'head', got "
-                f"{residual_variance!r}"
-            )
-        if residual_variance == "auto" and self.likelihood is not Likelihood.CLASSIFICATION:
-            residual_variance = False  # "auto" corrects classification only (see above)
-        self.residual_variance = residual_variance or False
+        self.residual_variance = resolve_residual_variance(residual_variance, self.likelihood)
         self.residual_head: ResidualHead | None = None
-        if surrogate is not None and not isinstance(surrogate, nn.Module):
-            raise TypeError("fastlla: surrogate must be an nn.Module returning (B, M, C)")
-        self._auto_features = n_features is None
-        n_features = DEFAULT_N_FEATURES if n_features is None else n_features
-        if int(n_features) < 1:
-            raise ValueError(f"fastlla: n_features must be at least 1, got {n_features}")
-        self.n_features = int(n_features)
-        self.n_learned = int(n_features)  # learned features; n_features becomes the total
-        if head_width != "auto" and (
-            isinstance(head_width, bool) or not isinstance(head_width, int) or head_width < 0
-        ):
-            raise ValueError(
-                f"fastlla: head_width must be 'auto' or an int >= 0, got {head_width!r}"
-            )
+        self._auto_features = options["auto_features"]
+        self.n_features = options["n_features"]
+        self.n_learned = options["n_features"]  # learned features; n_features becomes the total
         self.head_width = head_width
-        if not (gate == "auto" or isinstance(gate, bool)):
-            raise ValueError(f"fastlla: gate must be 'auto' or a bool, got {gate!r}")
         self.gate = gate
         self.surrogate = surrogate.eval() if surrogate is not None else None
-        self.seed = int(seed)
+        self.seed = options["seed"]
+        #: What the default surrogate was built with (``"auto"`` resolved); ``None`` before it
+        #: is built and for a user's ``surrogate``.
+        self.settings: Settings | None = None
         self.posterior: FeaturePosterior | None = None
         self.history: list[dict[str, float]] = []
         self._head: NetworkHead | None = None  # read on the first training batch by fit
@@ -271,35 +243,6 @@ class ScaLLA(LaplaceBase):
         except ValueError:  # no nn.Linear at all
             return False
 
-    def _resolve_last_layer(self, n_outputs: int, context: bool) -> bool | int:
-        """What ``last_layer="auto"`` means for this model (see the class docstring); an
-        explicit ``True`` or rank is refused where the output layer is not verified."""
-        try:
-            head = self.head
-        except ValueError:
-            head = NetworkHead(None, None, 0, "it has no nn.Linear")
-        if head.output_layer is None:
-            if self.last_layer not in ("auto", False, 0):
-                raise ValueError(
-                    f"fastlla: last_layer={self.last_layer!r} needs the network to return the "
-                    f"output of its last nn.Linear (f = W φ + b), which it does not: "
-                    f"{head.reason} (checked on the first training batch); pass last_layer=False"
-                )
-            return False
-        if self.last_layer != "auto":
-            return self.last_layer
-        linear = self.model.get_submodule(head.output_layer)
-        trainable = linear.weight.requires_grad and (
-            linear.bias is None or linear.bias.requires_grad
-        )
-        if head.output_layer == "" or not trainable:
-            return False
-        width = linear.in_features + int(linear.bias is not None)
-        if width * n_outputs <= LAST_LAYER_MAX_FEATURES:
-            return True
-        k = LAST_LAYER_MAX_FEATURES // n_outputs
-        return k if k >= 2 else False
-
     def _resolve_augment(self, augment: Any, x0: Any) -> Any:
         """The augmentation ``fit(augment=...)`` means for this model and data (or ``None``)."""
         if augment == "mixup":
@@ -309,79 +252,29 @@ class ScaLLA(LaplaceBase):
             return mixup if tensor and self.likelihood is Likelihood.REGRESSION else None
         return augment
 
-    def _resolve_head_width(self) -> int:
-        """What ``head_width="auto"`` means for this model before the size rule (see the class
-        docstring)."""
-        if self.head_width != "auto":
-            return int(self.head_width)
-        try:
-            head = self.head
-        except ValueError:
-            return 0
-        if head.output_layer is not None:
-            hidden = self.model.get_submodule(head.output_layer).in_features
-        else:
-            hidden = head.feature_width
-        return HEAD_WIDTH if hidden < HEAD_WIDTH else 0
+    @property
+    def last_layer_used(self) -> bool | int:
+        """The exact last-layer block of the default surrogate (:attr:`settings`); the
+        ``last_layer`` option for a user's surrogate."""
+        return self.settings.last_layer if self.settings is not None else self.last_layer
 
-    def _resolve_gate(self, last_layer: bool | int) -> bool:
-        """What ``gate="auto"`` means for this model (see the class docstring)."""
-        structure = self.head.gate if last_layer is True else None
-        possible = structure is not None
-        if possible and self.gate == "auto":  # its H maps u to h·M outputs: keep that small
-            n_in, h = self.model.get_submodule(structure[0]).weight.shape[::-1]
-            possible = (n_in + self._resolve_head_width()) * h * self.n_learned <= GATE_MAX_PARAMS
-        if self.gate is True and last_layer is not True:
-            raise ValueError(
-                "fastlla: gate=True needs the full exact last-layer block (last_layer=True or "
-                "'auto' resolving to it)"
-            )
-        if self.gate is True and not possible:
-            raise ValueError(
-                "fastlla: gate=True, but the network's forward pass does not feed an nn.Linear "
-                "into an elementwise activation into its output layer (read by running it on the "
-                f"first training batch; activations: {[t.__name__ for t in ACTIVATION_GRADIENTS]})"
-            )
-        return possible and self.gate is not False
-
-    def _size_rule(self, n_outputs: int, gated: bool, last_layer: bool | int) -> tuple[bool, int]:
-        """``(gated, head_width)`` within the size rule, ``n_learned`` lowered if need be (only
-        the ``"auto"`` choices and a default ``n_features`` give way; see the class docstring)."""
-        width = self._resolve_head_width()
-        head = self.head
-        budget = max(
-            SURROGATE_MAX_RATIO * sum(p.numel() for p in self.model.parameters()),
-            SURROGATE_MIN_PARAMS,
-        )
-        widths = [width, 0] if self.head_width == "auto" and width else [width]
-        kinds = [True, False] if gated and self.gate == "auto" else [gated]
-        options = [(g, w) for g in kinds for w in widths]
-
-        def size(g: bool, w: int, m: int) -> int:
-            return default_surrogate_size(self.model, head, m, n_outputs, w, gated=g)
-
-        for g, w in options:
-            if size(g, w, self.n_learned) <= budget:
-                return g, w
-        g, w = options[-1]
-        if self._auto_features:
-            fixed = size(g, w, 0)
-            per_feature = size(g, w, 1) - fixed
-            self.n_learned = max(1, min(self.n_learned, (budget - fixed) // max(per_feature, 1)))
-        return g, w
+    @property
+    def gate_used(self) -> bool:
+        """Whether the default surrogate's learned features are gated (:attr:`settings`)."""
+        return self.settings is not None and self.settings.gate
 
     def _ensure_surrogate(self, n_outputs: int, context: bool = False, x0: Any = None) -> nn.Module:
-        """Build the default surrogate unless there is one, from :attr:`head`; ``x0`` (a
-        batch) confirms the gated structure on data (``gate="auto"`` falls back to the plain
-        surrogate where it fails). New weights come from a generator seeded with ``seed`` (the
-        global RNG is not used)."""
+        """Build the default surrogate unless there is one: the options are resolved once, from
+        :attr:`head`, into :attr:`settings` (:mod:`fastlla.scalla_settings`); ``x0`` (a batch)
+        confirms the gated structure on data. New weights come from a generator seeded with
+        ``seed`` (the global RNG is not used)."""
         if self.surrogate is None:
             head = self.head
-            last_layer = self._resolve_last_layer(n_outputs, context)
-            self.last_layer_used = last_layer
-            gated = self._resolve_gate(last_layer)
-            gated, width = self._size_rule(n_outputs, gated, last_layer)
-            self.gate_used = gated
+            settings = resolve(
+                self.model, head, n_outputs, last_layer=self.last_layer, gate=self.gate,
+                head_width=self.head_width, n_features=self.n_learned,
+                auto_features=self._auto_features,
+            )  # fmt: skip
             if head.output_layer is None and head.feature_layer:
                 warnings.warn(
                     f"fastlla: the network's output is not the output of an nn.Linear: "
@@ -393,54 +286,16 @@ class ScaLLA(LaplaceBase):
                     UserWarning,
                     stacklevel=4,
                 )
-            if gated:
-                surrogate = last_layer_surrogate(
-                    self.model, self.n_learned, n_outputs, self.network.n_params, None, width,
-                    gated=True, generator=self._generator(), head=head,
-                )  # fmt: skip
-                if x0 is None or surrogate.learned.check(x0):
-                    self.surrogate = surrogate
-                    return surrogate
-                if self.gate is True:
-                    raise ValueError(
-                        "fastlla: gate=True, but the network's forward pass does not feed "
-                        f"{surrogate.learned.structure} into each other in order"
-                    )
-                self.gate_used = False
-            if last_layer is False:
-                self.surrogate = default_surrogate(
-                    self.model, self.n_learned, n_outputs, self.network.n_params, width,
-                    generator=self._generator(), head=head,
-                )  # fmt: skip
-            else:
-                rank = None if last_layer is True else int(last_layer)
-                self.surrogate = last_layer_surrogate(
-                    self.model, self.n_learned, n_outputs, self.network.n_params, rank, width,
-                    generator=self._generator(), head=head,
-                )  # fmt: skip
+            self.surrogate, self.settings = build_surrogate(
+                self.model, settings, head, n_outputs, self.network.n_params, self.seed, x0,
+                self.gate,
+            )  # fmt: skip
+            self.n_learned = self.settings.n_learned
         return self.surrogate
 
-    def _generator(self, offset: int = 0) -> torch.Generator:
-        """A private CPU generator seeded with ``seed + offset`` (new weights are drawn on the
-        CPU, then moved): the user's global RNG is neither read nor advanced."""
-        return torch.Generator().manual_seed(self.seed + offset)
-
     def _residual_head(self, n_outputs: int) -> ResidualHead:
-        """A new :class:`ResidualHead` on the input of the verified output layer (or, where
-        there is none, of the last ``nn.Linear`` the network runs), initialised from ``seed + 1``;
-        ``ValueError`` where the network runs no ``nn.Linear``."""
-        head = self.head
-        name = head.output_layer if head.output_layer is not None else head.feature_layer
-        if not name:
-            raise ValueError(
-                "fastlla: the residual head reads the input of the network's last nn.Linear, and "
-                f"there is none: {head.reason}; use residual_variance='jvp' or False"
-            )
-        return ResidualHead(
-            self.model, n_outputs, generator=self._generator(1), head_name=name,
-            output_layer=head.output_layer is not None, pooled=head.pooled,
-            n_inputs=None if head.output_layer is not None else head.feature_width,
-        )  # fmt: skip
+        """A new residual head (:func:`fastlla.scalla_settings.build_residual_head`)."""
+        return build_residual_head(self.model, self.head, n_outputs, self.seed)
 
     def _surrogate_features(self, x: Any) -> Tensor:
         phi = surrogate_features(self.surrogate, x)
@@ -882,8 +737,6 @@ class ScaLLA(LaplaceBase):
 
     def _update_terms(self, loader: Iterable, progress_bar: bool) -> tuple[Tensor, float, int]:
         """``W`` (M, ≤ M columns), the log-likelihood statistic and the count of ``loader``."""
-        from .exact import softmax_hessian_factor
-
         classification = self.likelihood is Likelihood.CLASSIFICATION
         M, blocks, stat, count = self.n_features, [], 0.0, 0
         W = torch.zeros(M, 0, dtype=self.dtype, device=self.device)
@@ -914,8 +767,6 @@ class ScaLLA(LaplaceBase):
 
         See :meth:`fastlla.export.Predictor.from_estimator` for ``output`` and ``include_noise``.
         """
-        from .export import Predictor
-
         return Predictor.from_estimator(self, output=output, include_noise=include_noise)
 
     # ------------------------------------------------------------------ hooks
@@ -1079,7 +930,7 @@ class ScaLLA(LaplaceBase):
         state.update(
             n_features=self.n_features,
             n_learned=self.n_learned,
-            last_layer=getattr(self, "last_layer_used", self.last_layer),
+            last_layer=self.last_layer_used,
             head_width=getattr(
                 getattr(self.surrogate, "learned", self.surrogate), "head_width", 0
             ),

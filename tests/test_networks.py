@@ -294,7 +294,7 @@ def _built_size(la):
 def test_default_surrogate_obeys_the_size_rule(make):
     """Many outputs: the default surrogate is at most max(100·P, 8M) parameters (head_width and
     gate 'auto' give way first, then a default n_features); the count matches the built one."""
-    from fastlla.scalla import SURROGATE_MAX_RATIO, SURROGATE_MIN_PARAMS
+    from fastlla.scalla_settings import SURROGATE_MAX_RATIO, SURROGATE_MIN_PARAMS
 
     torch.manual_seed(0)
     model = make().eval()
