@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from . import _ops
 from .functional import NetworkFunction, batch_size, call_module, slice_batch
-from .laplace import LaplaceBase, _state_int, _state_tensor
+from .fit_state import _state_int, _state_tensor
+from .laplace import LaplaceBase
 from .posterior import FeaturePosterior, psd_safe_cholesky
 from .predictive import Likelihood, softmax_hessian_factor, standard_normal
 
