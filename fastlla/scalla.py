@@ -1,17 +1,23 @@
 """ScaLLA: linearized Laplace through a surrogate neural kernel learned from JVPs.
 
-``fit`` runs in two stages, data flowing one way:
+``fit`` runs the method's steps, data flowing one way: read the network on the first batch
+(outputs, output layer); build the surrogate (its ``"auto"`` options resolved once into
+:class:`~fastlla.scalla_settings.Settings`) and fit the exact last-layer block's basis; then
 
-1. **Kernel matching.** Each step draws a batch (half training, half context inputs when a
-   context loader is given), ``S`` random tangents, and the projected JVPs ``Z`` of the network;
-   the surrogate's features ``Φ`` are trained so ``ΦΦᵀ`` matches ``ZZᵀ`` (the fused
+1. **Kernel matching** (:mod:`fastlla.kernel_training`). Each step draws a batch (half
+   training, half context inputs when a context loader is given), ``S`` random tangents, and
+   the projected JVPs ``Z`` of the network; the surrogate's features ``Φ`` are trained so
+   ``ΦΦᵀ`` matches ``ZZᵀ`` (the fused
    ``fastlla::kernel_matching_loss``, with the train/context cross blocks of the target zeroed).
    Adam with a cosine decay to zero over the iteration budget.
-2. **Posterior.** One pass over the training data accumulates the feature-space GGN
-   ``H = Σ_n Φ_n Λ_n Φ_nᵀ`` (``fastlla::ggn_accumulate``) and the log-likelihood at ``θ*``.
+2. **Posterior** (:meth:`ScaLLA._fit_posterior`). One pass over the training data accumulates
+   the feature-space GGN ``H = Σ_n Φ_n Λ_n Φ_nᵀ`` (``fastlla::ggn_accumulate``) and the
+   log-likelihood at ``θ*``.
 
-Prediction costs one network forward, one surrogate forward and ``O(M²C)`` per input.
+Prediction (:mod:`fastlla.feature_predictive`) costs one network forward, one surrogate forward
+and ``O(M²C)`` per input; saving is in :mod:`fastlla.scalla_state`.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,9 +97,9 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
     Size rule of the default surrogate: at most ``max(100·P, 8·10⁶)`` parameters (``P`` the
     network's). Where the choices below would exceed it, ``gate="auto"`` drops the gate, then
     ``head_width="auto"`` the hidden head layer, then a default ``n_features`` is lowered to fit;
-    explicit values are kept. The digits CNN's default (4.0M parameters, 350× its 11.5k) and the
-    demo MLPs' (1.8M) are under the floor, so unchanged; a decoder with ``C = 1024`` outputs and
-    67k parameters gets a linear head and ``M = 120`` (8.0M) instead of 67M parameters.
+    explicit values are kept (:func:`fastlla.scalla_settings.resolve`). What ``"auto"`` became
+    is recorded in :attr:`settings`. The measurements behind the defaults below are in
+    ``docs/design-history.md``.
     surrogate : any ``nn.Module`` returning ``(B, M, C)``; default: the model's trunk plus a new
         head (:func:`fastlla.surrogate.default_surrogate`).
     seed : seeds the surrogate's head, the tangents and the context batches.
@@ -104,9 +110,7 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         keeps ``ψ``'s top-``k`` principal directions (``k·C`` features); ``False`` learns it all.
         ``"auto"`` (default): ``True`` when ``(h+1)·C ≤ 1024``, else the largest ``k`` with
         ``k·C ≤ 1024`` (off when ``C > 512``, for a user's ``surrogate`` or a model without a
-        trainable, verified output layer, see ``model``). On the digits CNN at equal cost it
-        lowered the held-out kernel error from 0.197 to 0.175; with context points the bias then acts on the learned
-        part only, and still gave the better OOD AUROC (``bench/fidelity/RESULTS.md``).
+        trainable, verified output layer, see ``model``).
     residual_variance : ``"auto"`` (default), ``"head"``, ``"jvp"`` or ``False``: add the
         residual prior variance ``(κ(x,x) − g(x)ᵀg(x))/δ`` — the NTK's block at ``x`` that no
         feature spans — to the predictive covariance (FITC-style). ``"head"`` trains a small
@@ -114,20 +118,13 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         at prediction); ``"jvp"`` estimates ``κ(x,x)`` at prediction from 64 JVPs per input
         batch (no training, 64 forward passes per prediction); ``"auto"`` is ``"head"`` for
         classification whenever the head could be trained (the model has a last ``nn.Linear``
-        and ``fit`` ran kernel-matching steps), else off — on the 1-D gap regression with the
-        marglik δ = 0.23 the head over-estimated the residual inside the data (test NLL 1.06
-        against exact LLA's −0.88; −0.88 without it), so regression leaves it off.
-        On the digits OOD CNN at the same δ it brought ScaLLA's mean predictive variance from
-        0.84–0.94 of exact LLA's to 0.98–1.01 and its test NLL from 2–12% to within 1% of exact
-        LLA's (``bench/fidelity/RESULTS.md``). It can be switched after ``fit`` by setting the
+        and ``fit`` ran kernel-matching steps), else off (regression: the head over-estimates
+        the residual inside the data). It can be switched after ``fit`` by setting the
         attribute (``"head"`` needs a trained head).
     head_width : hidden units of the default surrogate's head (``0``: a linear head from the
         trunk's ``h`` penultimate features). A linear head makes every feature a linear map of
-        those ``h`` units (48 on the digits CNN), which caps how well the kernel can be fitted
-        even on noise-free targets; ``"auto"`` (default) adds a hidden layer of 512 units when
-        ``h < 512``. On the digits CNN it lowered the held-out kernel error at equal wall
-        time from 0.150 to 0.134 (3 min) and reached 0.132 vs 0.140 in 6 min
-        (``bench/fidelity/RESULTS.md``).
+        those ``h`` units, which caps how well the kernel can be fitted even on noise-free
+        targets; ``"auto"`` (default) adds a hidden layer of 512 units when ``h < 512``.
     gate : for a network ending ``z = Linear(u)``, ``f = W σ(z) + b`` the Jacobian of every
         parameter below the head is ``(W[c] ⊙ σ'(z))ᵀ ∂z/∂θ`` for class ``c``; ``True`` builds
         the learned features with that structure (:class:`~fastlla.surrogate.GatedSurrogate`:
@@ -135,9 +132,8 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         ``σ'(z)`` and ``W`` are the network's own, exact). It needs the full exact last-layer
         block and ``σ`` one of ReLU, LeakyReLU, Tanh, Sigmoid. ``"auto"`` (default): on
         wherever that holds on the first training batch and the map to ``H``
-        (``(n_in + head_width)·h·M`` weights) stays under 8 million, else the plain surrogate. On the digits CNN it lowered the
-        held-out kernel error at equal wall time (~6 min) from 0.129 to 0.083 (noise-free targets:
-        0.102 → 0.065; ``bench/fidelity/RESULTS.md``). ``head_width`` is then the width of the
+        (``(n_in + head_width)·h·M`` weights) stays under 8 million, else the plain
+        surrogate. ``head_width`` is then the width of the
         MLP that computes ``H``. The structure is read by running the network: the output
         layer's input must be the very tensor an activation returned, whose input is the very
         tensor an ``nn.Linear`` returned, each run once.
@@ -191,6 +187,22 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         self.posterior: FeaturePosterior | None = None
         self.history: list[dict[str, float]] = []
         self._head: NetworkHead | None = None  # read on the first training batch by fit
+
+    def __repr__(self) -> str:
+        if self.settings is not None:  # what "auto" became
+            built = ", ".join(f"{k}={v!r}" for k, v in self.settings.as_dict().items())
+        elif self.surrogate is not None:
+            built = "surrogate=<user's>"
+        else:
+            built = (
+                f"last_layer={self.last_layer!r}, gate={self.gate!r}, "
+                f"head_width={self.head_width!r}, n_features={self.n_learned!r}"
+            )
+        state = "fitted" if self._fitted else "not fitted"
+        return (
+            f"ScaLLA({self._likelihood_name!r}, {built}, "
+            f"residual_variance={self.residual_mode!r}, seed={self.seed}, {state})"
+        )
 
     # ------------------------------------------------------------------ surrogate
     @property
@@ -249,7 +261,7 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
                     f"{head.feature_layer!r}. Check "
                     "kernel_fidelity, or pass surrogate=<nn.Module returning (B, M, C)>",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=5  # the caller of fit,
                 )
             self.surrogate, self.settings = build_surrogate(
                 self.model, settings, head, n_outputs, self.network.n_params, self.seed, x0,
@@ -295,9 +307,7 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         iterations : kernel-matching steps (0 keeps the surrogate as it is), or ``"auto"``
             (default): time the first 10 steps and set the budget so training takes about
             ``time_budget`` seconds (at least 200, at most 20,000 steps; the cosine decay
-            follows the resolved budget). The held-out kernel error falls slowly but steadily
-            with the number of steps (``bench/fidelity/RESULTS.md``), so a wall-clock budget is
-            the honest knob; check the result with :meth:`kernel_fidelity`.
+            follows the resolved budget); check the result with :meth:`kernel_fidelity`.
         n_projections : ``S``, random tangents per step.
         lr : initial Adam learning rate, decayed to zero by a cosine schedule.
         distribution : ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"`` tangents.
@@ -312,10 +322,8 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         augment : ``augment(x, step) -> x'`` applied to the kernel-matching inputs only (JVP
             targets need no labels; the posterior still uses ``train_loader``), ``"mixup"``
             (:func:`fastlla.augment.mixup`), ``None``, or ``"auto"`` (default): mixup for
-            regression on tensor inputs — it teaches the surrogate the kernel between and around
-            the data, where a regression is queried (1-D gap regression: mean predictive std in
-            the gap 0.38 → 0.85, exact LLA 1.29; diabetes unchanged) — and nothing for
-            classification (mixed images worsened the digits kernel error).
+            regression on tensor inputs (it teaches the surrogate the kernel between and around
+            the data, where a regression is queried) and nothing for classification.
         time_budget : seconds of kernel matching for ``iterations="auto"``.
         override : laplace-torch's: ``False`` adds ``train_loader``'s data to an earlier fit
             without retraining the surrogate — :meth:`update` (a plain fit without one).
@@ -350,46 +358,12 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         # is held and raised on every rank by the collective check_fit_start.
         fault = distributed.Fault("fit")
         with fault:
-            for name, loader in (("train_loader", train_loader), ("context_loader", context_loader)):
-                if isinstance(loader, Iterator):
-                    raise TypeError(
-                        f"fastlla: ScaLLA.fit reads {name} several times; pass a re-iterable "
-                        "loader (a DataLoader or a list of batches), not a one-shot iterator or "
-                        "generator"
-                    )
-            if auto and iterations != "auto":
-                raise ValueError(
-                    f"fastlla: iterations must be an int or 'auto', got {iterations!r}"
-                )
-            if auto and not (time_budget > 0 and math.isfinite(time_budget)):
-                raise ValueError(f"fastlla: time_budget must be positive, got {time_budget}")
-            if not auto and int(iterations) < 0:
-                raise ValueError(f"fastlla: iterations must be non-negative, got {iterations}")
-            if not (augment is None or callable(augment) or augment in ("auto", "mixup")):
-                raise ValueError(
-                    f"fastlla: augment must be 'auto', 'mixup', None or a callable, got {augment!r}"
-                )
-            if schedule not in ("cosine", "constant"):
-                raise ValueError(
-                    f"fastlla: schedule must be 'cosine' or 'constant', got {schedule!r}"
-                )
+            _check_fit_arguments(
+                train_loader, context_loader, iterations, auto, augment, schedule, time_budget
+            )
             self._reset()
-            x0, _ = next(iter(self._batches(train_loader)))
-            f0 = self.network.output(x0)
-            self._check_outputs(f0)
-            self._check_network(x0, f0)
-            self.n_outputs = f0.shape[-1]
-            self._head = find_head(self.model, x0)
-            surrogate = self._ensure_surrogate(self.n_outputs, context_loader is not None, x0)
-            surrogate.to(device=self.device)
-            learned = getattr(surrogate, "learned", surrogate)
-            if isinstance(learned, GatedSurrogate):  # its W is the network's: current at each fit
-                with torch.no_grad():
-                    learned.head_weight.copy_(self.model.get_submodule(learned.head_name).weight)
-            with torch.no_grad():
-                self.n_features = self._surrogate_features(x0).shape[1]
-            if isinstance(surrogate, LastLayerSurrogate):
-                surrogate.fit_basis(x for x, _ in self._batches(train_loader))
+            x0 = self._read_network(train_loader)  # 1. run the network once: outputs, head
+            self._prepare_surrogate(train_loader, x0, context_loader is not None)  # 2. surrogate
             self._train_config = {
                 "n_projections": int(n_projections), "schedule": schedule, "ema": ema,
                 "callback": callback, "callback_every": max(int(callback_every), 1),
@@ -404,12 +378,37 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
             self, train_loader, context_loader, x0 if fault.ok else None,
             settings if fault.ok else {}, fault.error,
         )  # fmt: skip
-        if auto or iterations:
+        if auto or iterations:  # 3. kernel matching, the residual head trained beside it
             self._train_surrogate(
                 train_loader, context_loader, AUTO_MAX_STEPS if auto else int(iterations),
                 n_projections, lr, distribution, progress_bar,
             )  # fmt: skip
-        self._fit_posterior(train_loader, progress_bar)
+        self._fit_posterior(train_loader, progress_bar)  # 4. the feature-space posterior
+
+    def _read_network(self, train_loader: Iterable) -> Any:
+        """Run the network on the first training batch: check its outputs and read its output
+        layer (:func:`fastlla.surrogate.find_head`); returns the batch's inputs."""
+        x0, _ = next(iter(self._batches(train_loader)))
+        f0 = self.network.output(x0)
+        self._check_outputs(f0)
+        self._check_network(x0, f0)
+        self.n_outputs = f0.shape[-1]
+        self._head = find_head(self.model, x0)
+        return x0
+
+    def _prepare_surrogate(self, train_loader: Iterable, x0: Any, context: bool) -> None:
+        """Build the default surrogate unless there is one (:meth:`_ensure_surrogate`), read its
+        number of features and fit the exact last-layer block's basis on the training inputs."""
+        surrogate = self._ensure_surrogate(self.n_outputs, context, x0)
+        surrogate.to(device=self.device)
+        learned = getattr(surrogate, "learned", surrogate)
+        if isinstance(learned, GatedSurrogate):  # its W is the network's: current at each fit
+            with torch.no_grad():
+                learned.head_weight.copy_(self.model.get_submodule(learned.head_name).weight)
+        with torch.no_grad():
+            self.n_features = self._surrogate_features(x0).shape[1]
+        if isinstance(surrogate, LastLayerSurrogate):
+            surrogate.fit_basis(x for x, _ in self._batches(train_loader))
 
     def _fit_posterior(self, loader: Iterable, progress_bar: bool = False) -> None:
         M = self.n_features
@@ -494,3 +493,28 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         See :meth:`fastlla.export.Predictor.from_estimator` for ``output`` and ``include_noise``.
         """
         return Predictor.from_estimator(self, output=output, include_noise=include_noise)
+
+
+def _check_fit_arguments(
+    train_loader, context_loader, iterations, auto, augment, schedule, time_budget
+) -> None:  # fmt: skip
+    """Refuse the arguments of :meth:`ScaLLA.fit` that cannot work (before any data is read)."""
+    for name, loader in (("train_loader", train_loader), ("context_loader", context_loader)):
+        if isinstance(loader, Iterator):
+            raise TypeError(
+                f"fastlla: ScaLLA.fit reads {name} several times; pass a re-iterable "
+                "loader (a DataLoader or a list of batches), not a one-shot iterator or "
+                "generator"
+            )
+    if auto and iterations != "auto":
+        raise ValueError(f"fastlla: iterations must be an int or 'auto', got {iterations!r}")
+    if auto and not (time_budget > 0 and math.isfinite(time_budget)):
+        raise ValueError(f"fastlla: time_budget must be positive, got {time_budget}")
+    if not auto and int(iterations) < 0:
+        raise ValueError(f"fastlla: iterations must be non-negative, got {iterations}")
+    if not (augment is None or callable(augment) or augment in ("auto", "mixup")):
+        raise ValueError(
+            f"fastlla: augment must be 'auto', 'mixup', None or a callable, got {augment!r}"
+        )
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"fastlla: schedule must be 'cosine' or 'constant', got {schedule!r}")

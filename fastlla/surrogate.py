@@ -11,18 +11,16 @@ magnitude (``√(P/M)`` before calibration on data).
 
 Choosing ``M`` (``n_features``): the posterior lives in ``M`` dimensions, so it costs ``O(M²)``
 memory and ``O(M³)`` once per fit; predictive cost is ``O(M²C)`` per input. The kernel error
-of the learned surrogate is not limited by ``M`` (on the digits CNN ``M = 50…200`` reached the
-same held-out error) but by the surrogate itself and the noise of the projected targets: with a
-linear head every feature is a linear map of the trunk's penultimate layer (48 units on the
-digits CNN), which even noise-free targets cannot fit below 0.125 held-out (a hidden head layer:
-0.10; ``bench/fidelity/subspace_distill.py``). The predictive variance keeps more of exact
-LLA's as ``M`` grows. 128 is the default; use 256–512 when the
-predictive variance matters more than speed, and keep ``M`` well below ``N·C``.
+of the learned surrogate is limited less by ``M`` than by the surrogate itself and the noise of
+the projected targets (with a linear head every feature is a linear map of the trunk's
+penultimate layer); the predictive variance keeps more of exact LLA's as ``M`` grows. 128 is
+the default; use 256–512 when the predictive variance matters more than speed, and keep ``M``
+well below ``N·C``. The measurements are in ``docs/design-history.md``.
 
 By default (``ScaLLA(last_layer="auto")``) :class:`LastLayerSurrogate` adds, beside the ``M``
 learned features, the *exact* features of the network's output layer — ``(h+1)·C`` of
 them, or ``k·C`` for its top-``k`` principal input directions when that is over 1024 — so the
-posterior has ``M + (h+1)·C`` features (590 on the digits CNN with ``M = 100``). The learned
+posterior has ``M + (h+1)·C`` features. The learned
 ones then only fit the rest of the kernel. Where the network ends ``Linear → σ → Linear``
 (``ScaLLA(gate="auto")``) the learned ones are a :class:`GatedSurrogate`: the Jacobian's class
 structure below the head (the gate ``σ'(z)`` and the head's weights) is taken from the network
@@ -293,10 +291,8 @@ class GatedSurrogate(nn.Module):
     trainable copy of the network's trunk (warm-started).
 
     It carries no last-layer features: use it inside :class:`LastLayerSurrogate` at full rank,
-    which provides the head's block exactly (``ScaLLA(gate="auto")``). On the digits CNN it
-    lowered the error of the learned part on noise-free targets (0.102 → 0.065) and lowered the
-    held-out kernel error of JVP training at equal wall time (~6 min) from 0.129 to 0.083
-    (``bench/fidelity/RESULTS.md``).
+    which provides the head's block exactly (``ScaLLA(gate="auto")``; its measured gain is in
+    ``docs/design-history.md``).
 
     ``forward(x)`` reads ``φ`` by running the network (:func:`penultimate`); callers that already
     have ``φ`` (the exact block, the exported predictor) use :meth:`features` and save a pass.
