@@ -46,7 +46,8 @@ from .scalla_settings import (
     resolve,
     resolve_residual_variance,
 )
-from .surrogate import GatedSurrogate, InputOf, LastLayerSurrogate, NetworkHead
+from .network_head import InputOf, NetworkHead
+from .surrogate import GatedSurrogate, LastLayerSurrogate
 
 __all__ = ["Predictor"]
 
@@ -208,15 +209,22 @@ class Predictor(nn.Module):
         ``model`` is a fresh network of the fitted one's architecture; the predictor holds a copy
         of it (and of ``surrogate``), so the modules passed in keep their training mode and
         ``requires_grad`` flags. The default surrogate's and residual head's initial weights come
-        from a generator seeded by ``seed`` (default 0); the global RNG is untouched. Without ``surrogate``, the
-        surrogate is built as :class:`fastlla.ScaLLA` builds its default, from the same
-        ``scalla_options`` (``n_features``, ``last_layer``, ``seed``) the estimator was given;
+        from a generator seeded by ``seed`` (default 0); the global RNG is untouched. Without
+        ``surrogate``, the surrogate is built as :class:`fastlla.ScaLLA` builds its default
+        (:mod:`fastlla.scalla_settings`), from the same keyword options (``n_features``,
+        ``last_layer``, ``head_width``, ``gate``, ``residual_variance``, ``seed``) the estimator
+        was given (the shared estimator options, ``sigma_noise`` to ``asdl_fisher_kwargs``, are
+        accepted and unused; another keyword raises ``TypeError``);
         with one, ``n_features`` is its ``M``. ``residual_head``: whether the fitted estimator
         had one (``None``: as a ``fit`` with kernel-matching steps under ``scalla_options``
         leaves it). ``predictor_options`` go to the constructor.
         """
         if n_features is not None and surrogate is None:
             scalla_options["n_features"] = n_features
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fastlla: model must be an nn.Module, got {type(model).__name__}")
+        for name in _ESTIMATOR_OPTIONS:  # hyper-parameters: the loaded state sets them
+            scalla_options.pop(name, None)
         options = check_options(**scalla_options)  # ScaLLA's keyword options, checked as it does
         parsed = Likelihood.parse(likelihood)
         memo: dict[int, Any] = {}  # work on copies: the caller's modules stay as they were
@@ -362,6 +370,13 @@ class Predictor(nn.Module):
             f"likelihood={self.likelihood.value}, output={self.output}, M={self.n_features}, "
             f"C={self.n_outputs}, ops={self.ops}"
         )
+
+
+#: :class:`fastlla.laplace.LaplaceBase`'s options, which do not shape the modules.
+_ESTIMATOR_OPTIONS = (
+    "sigma_noise", "prior_precision", "prior_mean", "temperature", "enable_backprop",
+    "dict_key_x", "dict_key_y", "backend", "backend_kwargs", "asdl_fisher_kwargs",
+)  # fmt: skip
 
 
 def _n_features(surrogate: nn.Module) -> int:

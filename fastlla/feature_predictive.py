@@ -19,12 +19,8 @@ from torch import Tensor
 
 from .functional import batch_size, check_finite, slice_batch, to_device
 from .projections import ProjectionSampler
-from .surrogate import (
-    LastLayerSurrogate,
-    check_surrogate_output,
-    forward_with_penultimate,
-    surrogate_features,
-)
+from .network_head import forward_with_penultimate
+from .surrogate import LastLayerSurrogate, check_surrogate_output, surrogate_features
 
 __all__ = ["FeaturePredictive", "PredictiveFeatures"]
 

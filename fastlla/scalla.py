@@ -35,6 +35,7 @@ from .export import Predictor
 from .feature_predictive import FeaturePredictive
 from .kernel_training import AUTO_MAX_STEPS, KernelTraining
 from .laplace import LaplaceBase
+from .network_head import NetworkHead, find_head
 from .posterior import FeaturePosterior, compress_factor
 from .predictive import Likelihood, softmax_hessian_factor
 from .scalla_settings import (
@@ -49,10 +50,8 @@ from .scalla_state import SavedState
 from .surrogate import (
     GatedSurrogate,
     LastLayerSurrogate,
-    NetworkHead,
     ResidualHead,
     check_surrogate_output,
-    find_head,
     surrogate_features,
 )
 
@@ -77,7 +76,7 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         and all linear algebra in float32; not exportable); per-token ``(B, T, C)``
         outputs are refused at ``fit`` (wrap the model to return the last token's or pooled
         outputs). ``fit`` reads how it computes its output by running it on the first training
-        batch (:func:`fastlla.surrogate.find_head`): the last ``nn.Linear`` to run is its output
+        batch (:func:`fastlla.network_head.find_head`): the last ``nn.Linear`` to run is its output
         layer only if it runs once on ``(B, h)`` inputs ``φ`` and the output equals ``W φ + b``
         to float tolerance — or, for a per-token head whose outputs the network takes at the
         last token or averages, ``W ψ + b`` with ``ψ`` the network's output with the head
@@ -207,7 +206,7 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
     # ------------------------------------------------------------------ surrogate
     @property
     def head(self) -> NetworkHead:
-        """How the network produces its output (:func:`fastlla.surrogate.find_head`), read on
+        """How the network produces its output (:func:`fastlla.network_head.find_head`), read on
         the first training batch at ``fit``; before a fit, or for a state saved without it, the
         last registered ``nn.Linear`` (unverified)."""
         head = getattr(self, "_head", None)
@@ -387,7 +386,7 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
 
     def _read_network(self, train_loader: Iterable) -> Any:
         """Run the network on the first training batch: check its outputs and read its output
-        layer (:func:`fastlla.surrogate.find_head`); returns the batch's inputs."""
+        layer (:func:`fastlla.network_head.find_head`); returns the batch's inputs."""
         x0, _ = next(iter(self._batches(train_loader)))
         f0 = self.network.output(x0)
         self._check_outputs(f0)

@@ -2,7 +2,7 @@
 
 :func:`check_options` refuses bad option values (the messages :class:`fastlla.ScaLLA` raises at
 construction); :func:`resolve` turns the options, the network's output layer
-(:class:`~fastlla.surrogate.NetworkHead`) and its number of outputs into :class:`Settings`, the
+(:class:`~fastlla.network_head.NetworkHead`) and its number of outputs into :class:`Settings`, the
 frozen record of what ``"auto"`` became; :func:`build_surrogate` and
 :func:`build_residual_head` build the default modules from it. :class:`fastlla.ScaLLA` and
 :meth:`fastlla.export.Predictor.like` both build through here, so an empty predictor has the
@@ -19,14 +19,8 @@ import torch
 from torch import nn
 
 from .predictive import Likelihood
-from .surrogate import (
-    ACTIVATION_GRADIENTS,
-    NetworkHead,
-    ResidualHead,
-    default_surrogate,
-    default_surrogate_size,
-    last_layer_surrogate,
-)
+from .network_head import ACTIVATION_GRADIENTS, NetworkHead
+from .surrogate import ResidualHead, default_surrogate, default_surrogate_size, last_layer_surrogate
 
 __all__ = [
     "Settings",
@@ -192,7 +186,7 @@ def resolve(
 ) -> Settings:
     """The settings of the default surrogate for ``model`` with ``n_outputs`` outputs.
 
-    ``head``: how the network computes its output (:func:`fastlla.surrogate.find_head`).
+    ``head``: how the network computes its output (:func:`fastlla.network_head.find_head`).
     Size rule: at most ``max(100·P, 8·10⁶)`` parameters (``P`` the network's); where the
     choices would exceed it, ``gate="auto"`` drops the gate, then ``head_width="auto"`` the
     hidden head layer, then a default ``n_features`` (``auto_features``) is lowered to fit;

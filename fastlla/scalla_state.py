@@ -21,7 +21,8 @@ from torch import nn
 
 from .fit_state import _state_int, _state_tensor, check_module_state
 from .posterior import FeaturePosterior
-from .surrogate import GatedSurrogate, LastLayerSurrogate, NetworkHead
+from .network_head import NetworkHead
+from .surrogate import GatedSurrogate, LastLayerSurrogate
 
 __all__ = ["SavedState"]
 
@@ -121,7 +122,7 @@ class SavedState:
 
 
 def _state_head(state: dict[str, Any]) -> NetworkHead | None:
-    """The :class:`~fastlla.surrogate.NetworkHead` a state saved (``None``: saved without one)."""
+    """The :class:`~fastlla.network_head.NetworkHead` a state saved (``None``: saved without one)."""
     saved = state.get("head")
     if saved is None:
         return None

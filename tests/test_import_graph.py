@@ -70,3 +70,13 @@ def test_public_api_is_listed_in_all():
     from fastlla.laplace import NotFittedError
 
     assert fastlla.Predictor is Predictor and fastlla.NotFittedError is NotFittedError
+
+
+def test_architecture_page_shows_the_current_module_graph():
+    """docs/architecture.md quotes the library's graph; regenerate it when the imports change."""
+    page = (SCRIPT.parents[1] / "docs" / "architecture.md").read_text()
+    quoted = page.split("## Module graph", 1)[1].split("```\n", 2)[1].rstrip("`\n")
+    library = [
+        line for line in run().stdout.splitlines() if not line.startswith(("apps", "__main__"))
+    ]
+    assert quoted.splitlines() == library

@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastlla
-from fastlla.surrogate import NetworkHead, default_surrogate_size, find_head
+from fastlla.network_head import NetworkHead, find_head
+from fastlla.surrogate import default_surrogate_size
 
 D, H, C = 4, 16, 3
 

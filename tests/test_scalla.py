@@ -189,7 +189,8 @@ def test_gated_features_equal_the_jacobian_through_the_exact_gate(activation):
     """Oracle: with ``H = (∂z/∂θ) Q`` from explicit Jacobians of the penultimate pre-activation
     ``z``, the gated features equal ``J(x) Q`` — the network's own Jacobian of every parameter
     below the head, projected — for every class."""
-    from fastlla.surrogate import GatedSurrogate, gated_structure, penultimate
+    from fastlla.network_head import gated_structure, penultimate
+    from fastlla.surrogate import GatedSurrogate
 
     model = gated_net(activation)
     assert gated_structure(model) == ("2", "3", "4")
@@ -217,7 +218,8 @@ def test_gated_features_equal_the_jacobian_through_the_exact_gate(activation):
 
 
 def test_gate_auto_uses_the_structure_only_where_the_forward_pass_has_it():
-    from fastlla.surrogate import GatedSurrogate, gated_structure
+    from fastlla.network_head import gated_structure
+    from fastlla.surrogate import GatedSurrogate
 
     model = gated_net(nn.ReLU())
     X = torch.randn(24, 4, dtype=DTYPE)

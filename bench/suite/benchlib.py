@@ -28,7 +28,7 @@ from torch import nn
 import fastlla
 from fastlla import _ops
 from fastlla.apps.measure import measure
-from fastlla.surrogate import penultimate
+from fastlla.network_head import penultimate
 
 FLOAT = 4  # bytes per float32
 
