@@ -312,7 +312,8 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         distribution : ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"`` tangents.
         progress_bar : show a tqdm bar.
         callback : optional ``callback(step, la)``, called every ``callback_every`` steps and
-            after the last (e.g. :class:`fastlla.apps.fidelity.FidelityCurve`); its time is excluded
+            after the last (e.g. to record :meth:`kernel_fidelity` as training goes, as
+            ``python -m fastlla fidelity`` does); its time is excluded
             from the ``seconds`` recorded in ``history``.
         callback_every : steps between callback calls.
         schedule : ``"cosine"`` (decay to zero over ``iterations``) or ``"constant"``.
