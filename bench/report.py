@@ -436,7 +436,7 @@ def write_report(raw: Path, out_md: Path, ops_source: Path | None = None) -> Pat
         "command: `python -m fastlla "
         + " ".join(meta.get("command", "x bench").split()[1:]) + "`",
         "- peak memory = process RSS high-water mark above the level at the call "
-        "(`fastlla.measure`, freed heap returned to the OS before each measurement); state = "
+        "(`fastlla.apps.measure`, freed heap returned to the OS before each measurement); state = "
         "bytes of the tensors of `state_dict()`; latencies are medians of interleaved calls",
         f"- native ops loaded in the runs: {native}",
         *([f"- note: {meta['note']}"] if meta.get("note") else []),

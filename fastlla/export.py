@@ -36,10 +36,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .functional import LOW_PRECISION, NetworkFunction
 from .posterior import kron_covariance
 from .predictive import Likelihood, laplace_bridge, probit
-from .functional import LOW_PRECISION
-from .surrogate import GatedSurrogate, InputOf, LastLayerSurrogate
+from .scalla_settings import (
+    build_residual_head,
+    build_surrogate,
+    check_options,
+    resolve,
+    resolve_residual_variance,
+)
+from .network_head import InputOf, NetworkHead
+from .surrogate import GatedSurrogate, LastLayerSurrogate
 
 __all__ = ["Predictor"]
 
@@ -201,32 +209,50 @@ class Predictor(nn.Module):
         ``model`` is a fresh network of the fitted one's architecture; the predictor holds a copy
         of it (and of ``surrogate``), so the modules passed in keep their training mode and
         ``requires_grad`` flags. The default surrogate's and residual head's initial weights come
-        from a generator seeded by ``seed`` (default 0); the global RNG is untouched. Without ``surrogate``, the
-        surrogate is built as :class:`fastlla.ScaLLA` builds its default, from the same
-        ``scalla_options`` (``n_features``, ``last_layer``, ``seed``) the estimator was given;
+        from a generator seeded by ``seed`` (default 0); the global RNG is untouched. Without
+        ``surrogate``, the surrogate is built as :class:`fastlla.ScaLLA` builds its default
+        (:mod:`fastlla.scalla_settings`), from the same keyword options (``n_features``,
+        ``last_layer``, ``head_width``, ``gate``, ``residual_variance``, ``seed``) the estimator
+        was given (the shared estimator options, ``sigma_noise`` to ``asdl_fisher_kwargs``, are
+        accepted and unused; another keyword raises ``TypeError``);
         with one, ``n_features`` is its ``M``. ``residual_head``: whether the fitted estimator
         had one (``None``: as a ``fit`` with kernel-matching steps under ``scalla_options``
         leaves it). ``predictor_options`` go to the constructor.
         """
-        from .scalla import ScaLLA
-
         if n_features is not None and surrogate is None:
             scalla_options["n_features"] = n_features
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fastlla: model must be an nn.Module, got {type(model).__name__}")
+        for name in _ESTIMATOR_OPTIONS:  # hyper-parameters: the loaded state sets them
+            scalla_options.pop(name, None)
+        options = check_options(**scalla_options)  # ScaLLA's keyword options, checked as it does
+        parsed = Likelihood.parse(likelihood)
         memo: dict[int, Any] = {}  # work on copies: the caller's modules stay as they were
-        model = copy.deepcopy(model, memo)
+        model = copy.deepcopy(model, memo).eval()
         surrogate = copy.deepcopy(surrogate, memo)
-        estimator = ScaLLA(model, likelihood, **scalla_options)
-        if surrogate is None:
-            surrogate = estimator._ensure_surrogate(n_outputs)
+        if surrogate is None:  # built as ScaLLA builds its default before a fit reads the head
+            network_head = NetworkHead.registered(model)
+            settings = resolve(
+                model, network_head, n_outputs, last_layer=options["last_layer"],
+                gate=options["gate"], head_width=options["head_width"],
+                n_features=options["n_features"], auto_features=options["auto_features"],
+            )  # fmt: skip
+            n_params = NetworkFunction(model).n_params
+            surrogate, _ = build_surrogate(
+                model, settings, network_head, n_outputs, n_params, options["seed"]
+            )
             n_features = None
         if n_features is None:
             n_features = _n_features(surrogate)
         head = None
         if residual_head is None:
-            residual_head = getattr(estimator, "residual_variance", False) in ("auto", "head")
+            mode = resolve_residual_variance(options["residual_variance"], parsed)
+            residual_head = mode in ("auto", "head")
         if residual_head:
             try:
-                head = estimator._residual_head(n_outputs)
+                head = build_residual_head(
+                    model, NetworkHead.registered(model), n_outputs, options["seed"]
+                )
             except ValueError:
                 head = None
         options = dict(predictor_options or {}, residual_head=head)
@@ -344,6 +370,13 @@ class Predictor(nn.Module):
             f"likelihood={self.likelihood.value}, output={self.output}, M={self.n_features}, "
             f"C={self.n_outputs}, ops={self.ops}"
         )
+
+
+#: :class:`fastlla.laplace.LaplaceBase`'s options, which do not shape the modules.
+_ESTIMATOR_OPTIONS = (
+    "sigma_noise", "prior_precision", "prior_mean", "temperature", "enable_backprop",
+    "dict_key_x", "dict_key_y", "backend", "backend_kwargs", "asdl_fisher_kwargs",
+)  # fmt: skip
 
 
 def _n_features(surrogate: nn.Module) -> int:

@@ -21,6 +21,7 @@ from .posterior import psd_safe_cholesky
 
 __all__ = [
     "Likelihood",
+    "softmax_hessian_factor",
     "LinkApprox",
     "probit",
     "laplace_bridge",
@@ -289,3 +290,13 @@ def gaussian_logit_entropy(cov: Tensor) -> Tensor:
     """``½ log det Σ`` per input, (B,): the entropy of the logit Gaussian up to a constant."""
     L = psd_safe_cholesky(cov)
     return torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(dim=-1)
+
+
+def softmax_hessian_factor(logits: Tensor) -> Tensor:
+    """``R`` with ``R Rᵀ = diag(p) − p pᵀ``, ``p = softmax(logits)``: ``diag(√p) − p √pᵀ``.
+
+    ``logits`` (N, C) → (N, C, C).
+    """
+    p = torch.softmax(logits, dim=-1)
+    sqrt_p = p.sqrt()
+    return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.datasets import load_diabetes, load_digits
 
-from fastlla.data import (
+from fastlla.apps.data import (
     CONTEXT_RECIPES,
     Dataset,
     load_diabetes_split,

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from fastlla.demo import DemoConfig, diabetes_quality  # noqa: E402
+from fastlla.apps.demo import DemoConfig, diabetes_quality  # noqa: E402
 
 
 def test_diabetes_quality_rows():
@@ -35,7 +35,7 @@ def test_regression_scores_add_the_noise_variance():
     import scipy.stats
     import torch
 
-    from fastlla.demo import _regression_scores
+    from fastlla.apps.demo import _regression_scores
 
     g = torch.Generator().manual_seed(0)
     mean = torch.randn(50, 1, generator=g, dtype=torch.float64)

@@ -147,8 +147,10 @@ def test_per_layer_factor_is_reused_only_while_delta_and_sigma_hold(monkeypatch)
     Xs = data("regression", N=3, seed=5)[0]
     sizes = [p.numel() for p in model.parameters()]
     calls = []
-    real = fastlla.exact.psd_safe_cholesky
-    monkeypatch.setattr(fastlla.exact, "psd_safe_cholesky", lambda A: calls.append(1) or real(A))
+    real = fastlla.exact_predictive.psd_safe_cholesky
+    monkeypatch.setattr(
+        fastlla.exact_predictive, "psd_safe_cholesky", lambda A: calls.append(1) or real(A)
+    )
 
     def check(layer_delta, sigma):
         d = torch.cat([torch.full((n,), v, dtype=torch.float64) for n, v in zip(sizes, layer_delta)])

@@ -123,3 +123,27 @@ def test_predictor_bad_options(fitted):
             la.export(output="probit")
     with pytest.raises(ValueError, match="ops"):
         Predictor.from_estimator(la, ops="cuda")
+
+
+def test_like_builds_the_modules_scalla_builds_from_the_same_options():
+    """``Predictor.like`` builds through :mod:`fastlla.scalla_settings`, as ScaLLA does: the same
+    options give modules whose states load into each other; a wrong option is refused."""
+    model = make_model()
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(32, D, generator=g)
+    with torch.no_grad():
+        y = model(X).argmax(-1)
+    options = dict(n_features=5, head_width=3, gate=False, seed=4)
+    la = fastlla.ScaLLA(model, "classification", **options)
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=16), iterations=2, progress_bar=False)
+    fresh = Predictor.like(
+        make_model(seed=9), "classification", n_outputs=C, sigma_noise=1.0, **options
+    )
+    fresh.load_state_dict(la.export().state_dict())
+    assert fresh.residual_head is not None  # "auto" for classification, as the fit left it
+    x = torch.randn(4, D, generator=g)
+    assert torch.allclose(fresh(x), la.export()(x))
+    with pytest.raises(TypeError):
+        Predictor.like(make_model(), "classification", n_outputs=C, heads=2)
+    with pytest.raises(ValueError, match="head_width"):
+        Predictor.like(make_model(), "classification", n_outputs=C, head_width=-1)

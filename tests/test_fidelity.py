@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastlla
-from fastlla.fidelity import FidelityCurve, ProbeGram, eckart_young_floor, feature_rows
+from fastlla.apps.fidelity import FidelityCurve, ProbeGram, eckart_young_floor, feature_rows
 from fastlla.functional import NetworkFunction
 from fastlla.projections import ProjectionSampler
 from fastlla.surrogate import LastLayerSurrogate, last_layer_surrogate

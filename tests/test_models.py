@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastlla.data import load_diabetes_split, load_digits_split, make_gap_regression
-from fastlla.models import MLP, DigitsCNN, train_map
+from fastlla.apps.data import load_diabetes_split, load_digits_split, make_gap_regression
+from fastlla.apps.models import MLP, DigitsCNN, train_map
 from testing import single_thread
 
 

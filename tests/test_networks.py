@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastlla
-from fastlla.surrogate import NetworkHead, default_surrogate_size, find_head
+from fastlla.network_head import NetworkHead, find_head
+from fastlla.surrogate import default_surrogate_size
 
 D, H, C = 4, 16, 3
 
@@ -294,7 +295,7 @@ def _built_size(la):
 def test_default_surrogate_obeys_the_size_rule(make):
     """Many outputs: the default surrogate is at most max(100·P, 8M) parameters (head_width and
     gate 'auto' give way first, then a default n_features); the count matches the built one."""
-    from fastlla.scalla import SURROGATE_MAX_RATIO, SURROGATE_MIN_PARAMS
+    from fastlla.scalla_settings import SURROGATE_MAX_RATIO, SURROGATE_MIN_PARAMS
 
     torch.manual_seed(0)
     model = make().eval()
@@ -317,7 +318,7 @@ def test_default_surrogate_obeys_the_size_rule(make):
 
 
 def test_size_rule_leaves_the_digits_cnn_and_demo_defaults_unchanged():
-    from fastlla.models import MLP, DigitsCNN
+    from fastlla.apps.models import MLP, DigitsCNN
 
     torch.manual_seed(0)
     for model, x, M in ((DigitsCNN(10), torch.randn(8, 64), None), (MLP(10, 1, hidden=(50, 50)), torch.randn(8, 10), 64)):

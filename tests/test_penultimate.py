@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fastlla
 from fastlla.functional import NetworkFunction
-from fastlla.surrogate import forward_with_penultimate, head_is_output, tapped_network
+from fastlla.network_head import forward_with_penultimate, head_is_output, tapped_network
 from testing import assert_close, oracle_jacobian
 
 D, C = 5, 3

@@ -3,6 +3,8 @@ materialised kernel-matching loss; plus training behaviour, saving and bad input
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -187,7 +189,8 @@ def test_gated_features_equal_the_jacobian_through_the_exact_gate(activation):
     """Oracle: with ``H = (∂z/∂θ) Q`` from explicit Jacobians of the penultimate pre-activation
     ``z``, the gated features equal ``J(x) Q`` — the network's own Jacobian of every parameter
     below the head, projected — for every class."""
-    from fastlla.surrogate import GatedSurrogate, gated_structure, penultimate
+    from fastlla.network_head import gated_structure, penultimate
+    from fastlla.surrogate import GatedSurrogate
 
     model = gated_net(activation)
     assert gated_structure(model) == ("2", "3", "4")
@@ -215,7 +218,8 @@ def test_gated_features_equal_the_jacobian_through_the_exact_gate(activation):
 
 
 def test_gate_auto_uses_the_structure_only_where_the_forward_pass_has_it():
-    from fastlla.surrogate import GatedSurrogate, gated_structure
+    from fastlla.network_head import gated_structure
+    from fastlla.surrogate import GatedSurrogate
 
     model = gated_net(nn.ReLU())
     X = torch.randn(24, 4, dtype=DTYPE)
@@ -491,3 +495,26 @@ def test_bad_input_is_refused_clearly():
 
     with pytest.raises(ValueError, match="outputs contain NaN"):
         fastlla.ScaLLA(NaNNet(), "classification", n_features=4).fit(loader, iterations=0)
+
+
+def test_settings_record_what_auto_became_and_survive_a_weights_only_round_trip(tmp_path):
+    from fastlla.scalla_settings import Settings
+
+    model, loader, _ = make_problem("classification")
+    la = fastlla.ScaLLA(model, "classification", n_features=6)
+    assert la.settings is None and "last_layer='auto'" in repr(la) and "not fitted" in repr(la)
+    la.fit(loader, iterations=2, progress_bar=False)
+    s = la.settings
+    assert isinstance(s, Settings) and s.n_learned == 6
+    assert (la.last_layer_used, la.gate_used) == (s.last_layer, s.gate)
+    assert s.last_layer is True  # (8 + 1)·3 exact features ≤ 1024
+    assert s.head_width == 512  # penultimate width 8 < 512
+    assert f"head_width={s.head_width}" in repr(la) and "fitted)" in repr(la)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.gate = not s.gate
+    torch.save(la.state_dict(), tmp_path / "la.pt")
+    state = torch.load(tmp_path / "la.pt", weights_only=True)
+    assert {k: state[k] for k in ("last_layer", "gate", "head_width", "n_learned")} == s.as_dict()
+    fresh = fastlla.ScaLLA(copy.deepcopy(model), "classification", n_features=6)
+    fresh.load_state_dict(state)
+    assert fresh.settings == s and repr(fresh) == repr(la)

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from fastlla.data import make_gap_regression
+from fastlla.apps.data import make_gap_regression
 from fastlla.exact import ExactLLA
-from fastlla.fidelity import mixup
-from fastlla.models import MLP, train_map
+from fastlla.augment import mixup
+from fastlla.apps.models import MLP, train_map
 from fastlla.scalla import ScaLLA
 
 

@@ -14,7 +14,7 @@ import time
 import torch
 
 import fastlla
-from fastlla.fidelity import setup
+from fastlla.apps.fidelity import setup
 
 
 def main(argv=None) -> None:

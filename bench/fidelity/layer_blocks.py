@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from subspace_distill import jacobian  # noqa: E402
 
-from fastlla.fidelity import setup  # noqa: E402
+from fastlla.apps.fidelity import setup  # noqa: E402
 from fastlla.functional import NetworkFunction  # noqa: E402
 
 LAYERS = {"conv1": "trunk.0.", "conv2": "trunk.3.", "fc": "trunk.7.", "head": "head."}

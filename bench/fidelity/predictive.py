@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from fastlla import ExactLLA, ScaLLA, metrics
-from fastlla.data import load_digits_ood
-from fastlla.models import DigitsCNN, train_map
+from fastlla.apps.data import load_digits_ood
+from fastlla.apps.models import DigitsCNN, train_map
 from fastlla.predictive import gaussian_logit_entropy, predictive_entropy, probit
 
 

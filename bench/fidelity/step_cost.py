@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fastlla import ScaLLA
-from fastlla.fidelity import setup
+from fastlla.apps.fidelity import setup
 
 CONFIGS = {
     "old default (S=8, no block, no head)": dict(last_layer=False, residual_variance=False),

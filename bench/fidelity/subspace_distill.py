@@ -31,7 +31,7 @@ import time
 import torch
 from torch import nn
 
-from fastlla.fidelity import feature_rows, setup
+from fastlla.apps.fidelity import feature_rows, setup
 from fastlla.functional import NetworkFunction
 from fastlla.surrogate import GatedSurrogate, last_layer_surrogate
 

@@ -24,7 +24,7 @@ Compared, each with its prior precision ``δ`` chosen on the validation NLL (pro
   ``requires_grad_(False)`` (as LoRA / last-layers users do).
 
 Reports NLL, accuracy, ECE, OOD AUROC (predictive entropy), fit time, predict time and peak
-memory (RSS above the level before the step, ``fastlla.measure``), and writes a JSON file and a
+memory (RSS above the level before the step, ``fastlla.apps.measure``), and writes a JSON file and a
 markdown table.
 
     pip install -e ".[hf]"
@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader
 
 import fastlla
 from fastlla import metrics
-from fastlla.measure import measure
+from fastlla.apps.measure import measure
 from fastlla.predictive import predictive_entropy
 
 

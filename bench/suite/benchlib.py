@@ -27,8 +27,8 @@ from torch import nn
 
 import fastlla
 from fastlla import _ops
-from fastlla.measure import measure
-from fastlla.surrogate import penultimate
+from fastlla.apps.measure import measure
+from fastlla.network_head import penultimate
 
 FLOAT = 4  # bytes per float32
 
@@ -36,8 +36,8 @@ FLOAT = 4  # bytes per float32
 
 
 def config() -> dict[str, Any]:
-    """The run's configuration, written by :mod:`fastlla.bench` into ``FASTLLA_BENCH_CONFIG``."""
-    from fastlla.bench import CONFIGS
+    """The run's configuration, written by :mod:`fastlla.apps.bench` into ``FASTLLA_BENCH_CONFIG``."""
+    from fastlla.apps.bench import CONFIGS
 
     raw = os.environ.get("FASTLLA_BENCH_CONFIG")
     return json.loads(raw) if raw else dict(CONFIGS["smoke"])
@@ -175,7 +175,7 @@ def make_mlp(n_params: float, seed: int = 0) -> nn.Sequential:
 def make_cnn(seed: int = 0) -> nn.Sequential:
     """The digits CNN (MAP weights of ``bench/fidelity``'s cache, else trained) as a flat
     ``nn.Sequential`` — the same function, in the layout BackPACK needs."""
-    from fastlla.models import DigitsCNN, train_map
+    from fastlla.apps.models import DigitsCNN, train_map
 
     cnn = DigitsCNN(10)
     cache = os.path.join(os.path.dirname(__file__), "..", "fidelity", f"map_cnn_seed{seed}.pt")
@@ -192,7 +192,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def digits(flat: bool, seed: int = 0):
-    from fastlla.data import load_digits_split
+    from fastlla.apps.data import load_digits_split
 
     return load_digits_split(seed, flat=flat)
 

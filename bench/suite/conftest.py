@@ -1,4 +1,4 @@
-"""Fixtures of the benchmark suite (``python -m fastlla bench`` runs it; see fastlla/bench.py)."""
+"""Fixtures of the benchmark suite (``python -m fastlla bench`` runs it; see fastlla/apps/bench.py)."""
 
 from __future__ import annotations
 

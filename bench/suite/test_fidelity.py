@@ -22,7 +22,7 @@ _PROBE: list = []
 
 def setup(digits_img):
     if not _PROBE:
-        from fastlla.fidelity import ProbeGram
+        from fastlla.apps.fidelity import ProbeGram
 
         model = bl.make_cnn()
         probe = ProbeGram(model, digits_img.x_test[: CFG["n_probe"]])
@@ -39,7 +39,7 @@ class _Stop(Exception):
 
 def test_fidelity_fastlla(benchmark, digits_img):
     from fastlla import ScaLLA
-    from fastlla.fidelity import FidelityCurve
+    from fastlla.apps.fidelity import FidelityCurve
 
     model, probe = setup(digits_img)
     seconds, M = CFG["seconds"], CFG["n_features"]

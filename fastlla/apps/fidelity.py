@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .augment import mixup
-from .functional import NetworkFunction, batch_size, slice_batch
+from fastlla.augment import mixup
+from fastlla.functional import NetworkFunction, batch_size, slice_batch
+
 from .models import keeps_global_rng
 
 __all__ = [
@@ -214,11 +215,11 @@ AUGMENTS = {"mixup": mixup, "shift": shift}
 
 SPLIT_TENSORS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 #: The bench's cached MAP network and data split (same network for every run and machine).
-MODEL_PATH = Path(__file__).resolve().parents[1] / "bench" / "fidelity" / "map_cnn_seed{seed}.pt"
+MODEL_PATH = Path(__file__).resolve().parents[2] / "bench" / "fidelity" / "map_cnn_seed{seed}.pt"
 
 
 class _CachedSplit:
-    """The digits split read back from its cache, with :class:`fastlla.data.Dataset`'s loader."""
+    """The digits split read back from its cache, with :class:`fastlla.apps.data.Dataset`'s loader."""
 
     def __init__(self, **tensors):
         self.__dict__.update(tensors)
@@ -280,7 +281,7 @@ def run_config(name, ds, model, probe, iterations, every, seed=0, log=print, thr
     fresh = init.pop("fresh_trunk", False)
     augment = AUGMENTS[init.pop("augment")] if "augment" in init else None
     scale = fit.pop("iter_scale", 1.0)
-    from .scalla import ScaLLA
+    from fastlla.scalla import ScaLLA
 
     la = ScaLLA(model, "classification", n_features=n_features, seed=seed, **init)
     if fresh:

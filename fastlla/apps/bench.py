@@ -106,7 +106,7 @@ def device_name(device: str = "cpu", threads: int = 2) -> str:
 
 
 def _root() -> Path:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / "bench" / "suite").is_dir():
         raise FileNotFoundError(
             "fastlla: the benchmark suite lives in the source tree (bench/suite); run "

@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
-from . import metrics
+from fastlla import metrics
+from fastlla.exact import ExactLLA
+from fastlla.predictive import gaussian_logit_entropy, predictive_entropy, probit
+from fastlla.scalla import ScaLLA
+
 from .data import load_diabetes_split, load_digits_ood, load_digits_split, make_gap_regression
-from .exact import ExactLLA
 from .measure import measure
 from .models import MLP, DigitsCNN, keeps_global_rng, train_map
-from .predictive import gaussian_logit_entropy, predictive_entropy, probit
-from .scalla import ScaLLA
 
 __all__ = ["DemoConfig", "run_demo"]
 

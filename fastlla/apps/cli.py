@@ -40,7 +40,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _backends(args: argparse.Namespace) -> int:
-    from . import _ops
+    from fastlla import _ops
 
     print(_ops.backend_report())
     return 0
