@@ -31,7 +31,8 @@ class PredictiveFeatures:
 
     ``phi``: the features ``g(x)`` (B, M, C) — only the ``m`` learned ones when ``kron`` is set;
     ``kron``: ``a = Uᵀψ(x)`` (B, k), the exact last-layer features ``a ⊗ I_C`` in factored form;
-    ``residual``: the residual prior block ``κ(x,x) − g(x)ᵀg(x)`` (B, C, C), or ``None``.
+    ``residual``: the residual prior block ``κ(x,x) − g(x)ᵀg(x)`` (B, C, C), only its diagonal
+    (B, C) when asked for, or ``None``.
     """
 
     phi: Tensor
@@ -54,9 +55,12 @@ class FeaturePredictive:
             return "head" if self.residual_head is not None else False
         return mode or False
 
-    def _outputs_and_features(self, x: Any) -> tuple[Tensor, PredictiveFeatures]:
-        """``f(x)`` and :class:`PredictiveFeatures`; the network runs once, also yielding ``ψ(x)``
-        for the exact last-layer block and the residual head."""
+    def _outputs_and_features(
+        self, x: Any, diagonal_residual: bool = False
+    ) -> tuple[Tensor, PredictiveFeatures]:
+        """``f(x)`` and :class:`PredictiveFeatures` (the residual block's diagonal only with
+        ``diagonal_residual``); the network runs once, also yielding ``ψ(x)`` for the exact
+        last-layer block and the residual head."""
         mode = self.residual_mode
         exact = self.surrogate if isinstance(self.surrogate, LastLayerSurrogate) else None
         head_name = exact.head_name if exact is not None else None
@@ -87,7 +91,9 @@ class FeaturePredictive:
                 )
                 feats = PredictiveFeatures(learned, kron=exact.coefficients(psi))
             if mode:
-                feats.residual = self._residual_block(x, feats.phi, mode, psi=psi)
+                feats.residual = self._residual_block(
+                    x, feats.phi, mode, psi=psi, diagonal=diagonal_residual
+                )
         return f, feats
 
     def _features(self, x: Any) -> PredictiveFeatures:
@@ -125,10 +131,10 @@ class FeaturePredictive:
         return torch.cat([features.phi, exact], dim=1)
 
     def _outputs_and_variance(self, x: Any, delta: Any, scale: float) -> tuple[Tensor, Tensor]:
-        f, feats = self._outputs_and_features(x)
+        f, feats = self._outputs_and_features(x, diagonal_residual=True)
         var = self.posterior.variance(feats.phi, delta, scale, feats.kron)
-        if feats.residual is not None:  # the residual block is formed per input (its diagonal kept)
-            var = var + torch.diagonal(feats.residual, dim1=-2, dim2=-1).to(var.dtype) / delta
+        if feats.residual is not None:
+            var = var + feats.residual.to(var.dtype) / delta
         return f, var
 
     def _outputs_and_joint_covariance(
@@ -195,13 +201,16 @@ class FeaturePredictive:
         return float(torch.sqrt(err2 / k_norm2))
 
     def _residual_block(
-        self, x: Any, phi: Tensor, mode: str, n_projections: int = 64, psi: Tensor | None = None
+        self, x: Any, phi: Tensor, mode: str, n_projections: int = 64, psi: Tensor | None = None,
+        diagonal: bool = False,
     ) -> Tensor:
-        """``κ(x, x) − g(x)ᵀg(x)`` (B, C, C), made positive semi-definite.
+        """``κ(x, x) − g(x)ᵀg(x)`` (B, C, C), made positive semi-definite, or its diagonal (B, C).
 
-        ``"head"`` reads the learned :class:`~fastlla.surrogate.ResidualHead`; ``"jvp"``
-        estimates ``κ(x, x)`` from ``n_projections`` Rademacher JVPs (unbiased; in chunks of 16).
-        With the exact last-layer block only the learned part's residual remains.
+        ``"head"`` reads the learned :class:`~fastlla.surrogate.ResidualHead` (its factor
+        ``R(x)`` is C×C; the diagonal of ``RRᵀ`` is ``R``'s row sums of squares, no product is
+        formed); ``"jvp"`` estimates ``κ(x, x)`` from ``n_projections`` Rademacher JVPs
+        (unbiased; in chunks of 16) and needs the whole block for its positive part. With the
+        exact last-layer block only the learned part's residual remains.
         """
         exact_block = self.surrogate if isinstance(self.surrogate, LastLayerSurrogate) else None
         if mode == "head":
@@ -211,7 +220,7 @@ class FeaturePredictive:
                     "(the head is trained beside the surrogate)"
                 )
             R = self.residual_head(x, psi)
-            return R @ R.mT
+            return R.square().sum(-1) if diagonal else R @ R.mT
         if mode != "jvp":
             raise ValueError(
                 f"fastlla: residual_variance must be False, 'jvp' or 'head', got {mode!r}"
@@ -232,4 +241,6 @@ class FeaturePredictive:
             done += n
         r = kappa / n_projections - g.mT @ g
         evals, evecs = torch.linalg.eigh(0.5 * (r + r.mT))
+        if diagonal:
+            return (evecs.square() * evals.clamp_min(0.0).unsqueeze(-2)).sum(-1)
         return (evecs * evals.clamp_min(0.0).unsqueeze(-2)) @ evecs.mT

@@ -815,19 +815,22 @@ def test_glm_samples_are_the_predictive_gaussian():
     assert rel_err(got, (f.unsqueeze(-1) + std.unsqueeze(-1) * eps).permute(2, 0, 1)) < 1e-13
 
 
-@pytest.mark.parametrize("estimator", ["exact-weight", "exact-function", "scalla"])
+@pytest.mark.parametrize("estimator", ["exact-weight", "exact-function", "scalla", "scalla-head"])
 def test_diagonal_output_forms_no_output_block(estimator, monkeypatch):
     """The variance path computes row sums of squares: with every covariance routine that forms
     ``C×C`` blocks made to fail, ``diagonal_output=True`` still answers (C = 64) and equals the
-    diagonal of the covariance."""
+    diagonal of the covariance (ScaLLA's residual head included: its factor ``R(x)`` is read,
+    ``RRᵀ`` is not formed)."""
     C = 64
     model = MLP(n_out=C).double()
     g = torch.Generator().manual_seed(0)
     X = torch.randn(6, 3, generator=g, dtype=DT)
     y = torch.randint(0, C, (6,), generator=g)
-    if estimator == "scalla":
-        la = ScaLLA(model, "classification", n_features=8, residual_variance=False)
+    if estimator.startswith("scalla"):
+        residual = "head" if estimator == "scalla-head" else False
+        la = ScaLLA(model, "classification", n_features=8, residual_variance=residual)
         la.fit(loader(X, y), iterations=2, progress_bar=False)
+        assert la.residual_mode == residual
     else:
         la = ExactLLA(model, "classification", form=estimator.split("-")[1]).fit(loader(X, y))
     ref = torch.diagonal(la.predictive_distribution(X[:3])[1], dim1=-2, dim2=-1)
@@ -840,6 +843,8 @@ def test_diagonal_output_forms_no_output_block(estimator, monkeypatch):
     monkeypatch.setattr(_ops, "predictive_covariance", forbidden)
     monkeypatch.setattr(posterior.FeaturePosterior, "covariance", forbidden)
     monkeypatch.setattr(type(la), "_covariance_from_features", forbidden)
+    if estimator == "scalla-head":
+        assert float(torch.diagonal(la._residual_block(X[:3], None, "head"), dim1=-2, dim2=-1).abs().max()) > 0
     matmul = torch.Tensor.__matmul__
 
     def no_block(a, b):  # nor any product with a C×C result (J D⁻¹ Jᵀ, VᵀV)

@@ -8,6 +8,7 @@ and the link functions of :mod:`fastlla.predictive`), and losses that record wha
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -211,7 +212,8 @@ def test_marglik_warns_about_a_val_loader_from_the_callers_line():
     with pytest.warns(UserWarning, match=r"val_loader is ignored by method='marglik' \(did you mean "
                       r"method='gridsearch'\?\)") as record:  # fmt: skip
         la.optimize_prior_precision("marglik", loader(Xv, yv))
-    assert record[0].filename == __file__  # stacklevel: the user's call, not fastlla's
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampoline adds a frame
+        assert record[0].filename == __file__  # stacklevel: the user's call, not fastlla's
     with pytest.raises(ValueError, match="^fastlla: method='gridsearch' needs a val_loader$"):
         la.optimize_prior_precision("gridsearch")
 
@@ -276,7 +278,7 @@ def test_adam_path_tunes_sigma_to_the_evidences_stationary_point(capsys):
 
 @pytest.mark.parametrize("peak", [-11.99, -3.3, 0.0, 7.1, 11.99])
 def test_maximise_1d_finds_a_peak_anywhere_in_the_interval(peak):
-    from fastlla.laplace import _maximise_1d
+    from fastlla.evidence import _maximise_1d
 
     got = _maximise_1d(lambda t: -((t - peak) ** 2) - 0.1 * (t - peak) ** 4, -12.0, 12.0)
     assert abs(got - peak) < 1e-7
