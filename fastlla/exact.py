@@ -27,6 +27,7 @@ from .exact_predictive import JacobianPredictive
 from .fit_state import _state_int, _state_tensor
 from .functional import NetworkFunction, batch_size, call_module, slice_batch
 from .laplace import LaplaceBase
+from .network_head import tapped_network
 from .posterior import FeaturePosterior
 from .predictive import Likelihood, softmax_hessian_factor
 
@@ -389,24 +390,23 @@ def _linear_network(model: nn.Module, name: str) -> NetworkFunction:
 
 
 def _last_linear_called(model: nn.Module, x: Any) -> str:
-    """Name of the last module with parameters that the forward pass of ``x`` runs (found by
-    forward hooks, removed afterwards, as laplace-torch's ``FeatureExtractor`` does)."""
-    order: list[str] = []
-    handles = [
-        module.register_forward_hook(lambda *_, name=name: order.append(name))
-        for name, module in model.named_modules()
-        if next(module.parameters(recurse=False), None) is not None
-        and (name or next(module.children(), None) is None)  # a container's hook runs last
-    ]
-    try:
-        with torch.no_grad():
-            call_module(model, x)
-    finally:
-        for h in handles:
-            h.remove()
-    if not order:
+    """Name of the last module with parameters that the forward pass of ``x`` completes
+    (laplace-torch's ``FeatureExtractor`` choice), read from a tapped stand-in of the model
+    (:func:`~fastlla.network_head.tapped_network`): no hooks are put on the user's module."""
+    if next(model.children(), None) is None:  # the model is a single layer
+        if next(model.parameters(recurse=False), None) is None:
+            raise ValueError("fastlla: no module with parameters ran in the forward pass")
+        return ""
+    names = [
+        n for n, m in model.named_modules() if n and next(m.parameters(recurse=False), None) is not None
+    ]  # fmt: skip
+    calls: list[tuple[str, Any, Any]] = []
+    tapped, _ = tapped_network(model, names, calls)
+    with torch.no_grad():
+        call_module(tapped, x)
+    if not calls:
         raise ValueError("fastlla: no module with parameters ran in the forward pass")
-    return order[-1]
+    return calls[-1][0]
 
 
 def _subnetwork(model: nn.Module, indices: Any) -> tuple[NetworkFunction, Tensor]:

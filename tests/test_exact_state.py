@@ -166,3 +166,32 @@ def test_per_layer_factor_is_reused_only_while_delta_and_sigma_hold(monkeypatch)
     la.sigma_noise = 0.3
     check([0.5, 2.0, 1.0, 4.0], 0.3)
     assert len(calls) == 3
+
+
+def test_last_layer_is_located_without_hooks_on_the_users_module(monkeypatch):
+    """The last layer is read from a tapped stand-in of the network: no hook is registered on
+    the user's module (another thread's pass would record into it), and it is laplace-torch's
+    choice — the last module with parameters that runs, here registered before the body."""
+
+    class HeadFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.head = torch.nn.Linear(4, 2)
+            self.body = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    def no_hooks(*args, **kwargs):
+        raise AssertionError("a hook was registered on the user's module")
+
+    monkeypatch.setattr(torch.nn.Module, "register_forward_hook", no_hooks)
+    monkeypatch.setattr(torch.nn.Module, "register_forward_pre_hook", no_hooks)
+    X, y = data("regression")
+    model = HeadFirst().double()
+    la = Laplace(model, "regression", "last_layer", "full").fit(loader(X, y))
+    assert la.last_layer_name == "head" and la.n_params == 10
+    J = oracle_jacobian(model, X)[..., :10]  # head.weight, head.bias come first
+    ref = torch.einsum("ncp,ncq->pq", J, J)
+    assert rel_err(la.posterior.H, ref) < 1e-12
