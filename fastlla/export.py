@@ -39,13 +39,7 @@ from torch import Tensor, nn
 from .functional import LOW_PRECISION, NetworkFunction
 from .posterior import kron_covariance
 from .predictive import Likelihood, laplace_bridge, probit
-from .scalla_settings import (
-    build_residual_head,
-    build_surrogate,
-    check_options,
-    resolve,
-    resolve_residual_variance,
-)
+from .scalla_settings import build_residual_head, build_surrogate, check_options, resolve
 from .network_head import InputOf, NetworkHead
 from .surrogate import GatedSurrogate, LastLayerSurrogate
 
@@ -210,10 +204,10 @@ class Predictor(nn.Module):
         of it (and of ``surrogate``), so the modules passed in keep their training mode and
         ``requires_grad`` flags. The default surrogate's and residual head's initial weights come
         from a generator seeded by ``seed`` (default 0); the global RNG is untouched. Without
-        ``surrogate``, the surrogate is built as :class:`fastlla.ScaLLA` builds its default
-        (:mod:`fastlla.scalla_settings`), from the same keyword options (``n_features``,
-        ``last_layer``, ``head_width``, ``gate``, ``residual_variance``, ``seed``) the estimator
-        was given (the shared estimator options, ``sigma_noise`` to ``asdl_fisher_kwargs``, are
+        ``surrogate``, the surrogate is built as :class:`fastlla.ScaLLA` builds its default,
+        from the record :func:`fastlla.scalla_settings.resolve` makes of the same keyword
+        options (``n_features``, ``last_layer``, ``head_width``, ``gate``,
+        ``residual_variance``, ``seed``) the estimator was given (the shared estimator options, ``sigma_noise`` to ``asdl_fisher_kwargs``, are
         accepted and unused; another keyword raises ``TypeError``);
         with one, ``n_features`` is its ``M``. ``residual_head``: whether the fitted estimator
         had one (``None``: as a ``fit`` with kernel-matching steps under ``scalla_options``
@@ -230,15 +224,15 @@ class Predictor(nn.Module):
         memo: dict[int, Any] = {}  # work on copies: the caller's modules stay as they were
         model = copy.deepcopy(model, memo).eval()
         surrogate = copy.deepcopy(surrogate, memo)
-        if surrogate is None:  # built as ScaLLA builds its default before a fit reads the head
+        try:  # the output layer as ScaLLA takes it before a fit reads the network
             network_head = NetworkHead.registered(model)
-            settings = resolve(
-                model, network_head, n_outputs, last_layer=options["last_layer"],
-                gate=options["gate"], head_width=options["head_width"],
-                n_features=options["n_features"], auto_features=options["auto_features"],
-            )  # fmt: skip
+        except ValueError as err:  # no nn.Linear: no default surrogate, no residual head
+            network_head = NetworkHead(None, None, reason=str(err))
+        # the record a fit with kernel-matching steps leaves (scalla_settings.resolve)
+        settings = resolve(model, network_head, n_outputs, parsed, options, surrogate=surrogate)
+        if surrogate is None:  # built as ScaLLA builds its default
             n_params = NetworkFunction(model).n_params
-            surrogate, _ = build_surrogate(
+            surrogate = build_surrogate(
                 model, settings, network_head, n_outputs, n_params, options["seed"]
             )
             n_features = None
@@ -246,13 +240,10 @@ class Predictor(nn.Module):
             n_features = _n_features(surrogate)
         head = None
         if residual_head is None:
-            mode = resolve_residual_variance(options["residual_variance"], parsed)
-            residual_head = mode in ("auto", "head")
+            residual_head = settings.residual_variance == "head"
         if residual_head:
             try:
-                head = build_residual_head(
-                    model, NetworkHead.registered(model), n_outputs, options["seed"]
-                )
+                head = build_residual_head(model, network_head, n_outputs, options["seed"])
             except ValueError:
                 head = None
         options = dict(predictor_options or {}, residual_head=head)

@@ -49,10 +49,12 @@ class FeaturePredictive:
 
     @property
     def residual_mode(self) -> str | bool:
-        """The residual-variance correction in force: ``"head"``, ``"jvp"`` or ``False``."""
+        """The residual-variance correction in force: ``"head"``, ``"jvp"`` or ``False`` — the
+        ``residual_variance`` attribute where it is set explicitly (it can be switched after
+        ``fit``), else what ``"auto"`` became at ``fit`` (:attr:`settings`; ``False`` before)."""
         mode = self.residual_variance
         if mode == "auto":
-            return "head" if self.residual_head is not None else False
+            return self.settings.residual_variance if self.settings is not None else False
         return mode or False
 
     def _outputs_and_features(

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from . import _ops, distributed
 from .functional import batch_size, check_finite, concat_batches, to_device
-from .predictive import Likelihood
 from .projections import ProjectionSampler, stack_rows
 from .surrogate import (
     LastLayerSurrogate,
@@ -84,15 +83,8 @@ class KernelTraining:
         averaged = [p.detach().clone() for p in params] if ema_decay else None
         callback, every = cfg.get("callback"), cfg.get("callback_every", 100)
         rhead, r_opt, r_sched = None, None, None
-        classification = self.likelihood is Likelihood.CLASSIFICATION
-        mode = self.residual_variance
-        if mode == "head" or (mode == "auto" and classification and self._verified_head()):
-            try:
-                rhead = self.residual_head = self._residual_head(self.n_outputs)
-            except ValueError:  # no nn.Linear to read penultimate features from
-                if self.residual_variance == "head":
-                    raise
-        if rhead is not None:
+        if self.settings.residual_variance == "head":  # as resolved at fit (scalla_settings)
+            rhead = self.residual_head = self._residual_head(self.n_outputs)
             r_opt = torch.optim.Adam(rhead.parameters(), lr=lr)
             r_sched = torch.optim.lr_scheduler.LambdaLR(r_opt, decay)
         train_loader = distributed.shard(train_loader)  # this rank's share (torch.distributed)

@@ -63,7 +63,7 @@ def gated_structure(model: nn.Module) -> tuple[str, str, str] | None:
     ``nn.Sequential``): the last ``nn.Linear`` (the head), the leaf before it an elementwise
     activation of :data:`ACTIVATION_GRADIENTS` (a ``LeakyReLU`` needs a positive slope), the
     leaf before that an ``nn.Linear`` whose outputs feed it. ``None`` otherwise.
-    :meth:`GatedSurrogate.check` confirms on data that the forward pass really runs this way.
+    :func:`gated_structure_runs` confirms on data that the forward pass really runs this way.
     """
     leaves = [(n, m) for n, m in model.named_modules() if n and not any(m.children())]
     heads = [i for i, (_, m) in enumerate(leaves) if isinstance(m, nn.Linear)]
@@ -78,6 +78,21 @@ def gated_structure(model: nn.Module) -> tuple[str, str, str] | None:
     if linear.out_features != head.in_features:
         return None
     return p_name, a_name, h_name
+
+
+@torch.no_grad()
+def gated_structure_runs(model: nn.Module, structure: tuple[str, str, str], x: Any) -> bool:
+    """Whether, on the batch ``x``, the ``(linear, activation, head)`` of ``structure`` run
+    once each and feed each other in order: the head reads the very tensor the activation
+    returned, the activation the very tensor the linear layer returned (what
+    :class:`~fastlla.surrogate.GatedSurrogate`'s features assume)."""
+    tapped, seen = tapped_network(model, structure)
+    call_module(tapped, x)
+    if len(seen) != 3:
+        return False
+    (_, z), (a_in, a_out), (h_in, _) = (seen[n] for n in structure)
+    same = a_in.shape == z.shape and h_in.shape == a_out.shape
+    return bool(same and torch.equal(a_in, z) and torch.equal(h_in, a_out))
 
 
 @dataclass(frozen=True)

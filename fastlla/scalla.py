@@ -1,8 +1,10 @@
 """ScaLLA: linearized Laplace through a surrogate neural kernel learned from JVPs.
 
 ``fit`` runs the method's steps, data flowing one way: read the network on the first batch
-(outputs, output layer); build the surrogate (its ``"auto"`` options resolved once into
-:class:`~fastlla.scalla_settings.Settings`) and fit the exact last-layer block's basis; then
+(outputs, output layer); resolve every ``"auto"`` option once, into the frozen record
+:class:`~fastlla.scalla_settings.Settings` (:attr:`ScaLLA.settings`, saved in the state dict and
+shown by ``repr``); build the surrogate it describes and fit the exact last-layer block's basis;
+then
 
 1. **Kernel matching** (:mod:`fastlla.kernel_training`). Each step draws a batch (half
    training, half context inputs when a context loader is given), ``S`` random tangents, and
@@ -44,7 +46,6 @@ from .scalla_settings import (
     build_surrogate,
     check_options,
     resolve,
-    resolve_residual_variance,
 )
 from .scalla_state import SavedState
 from .surrogate import (
@@ -56,6 +57,11 @@ from .surrogate import (
 )
 
 __all__ = ["ScaLLA"]
+
+#: The augmentations ``fit(augment=...)`` names (:attr:`Settings.augment`).
+AUGMENTATIONS = {"mixup": mixup}
+#: What ``repr`` shows of :class:`Settings` for a user's surrogate.
+SHOWN_FOR_USER = ("residual_variance", "augment")
 
 
 class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
@@ -96,8 +102,9 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
     Size rule of the default surrogate: at most ``max(100·P, 8·10⁶)`` parameters (``P`` the
     network's). Where the choices below would exceed it, ``gate="auto"`` drops the gate, then
     ``head_width="auto"`` the hidden head layer, then a default ``n_features`` is lowered to fit;
-    explicit values are kept (:func:`fastlla.scalla_settings.resolve`). What ``"auto"`` became
-    is recorded in :attr:`settings`. The measurements behind the defaults below are in
+    explicit values are kept (:func:`fastlla.scalla_settings.resolve`). What every ``"auto"``
+    (these and ``fit``'s ``augment``) became is recorded at ``fit`` in :attr:`settings`; the
+    options themselves stay as given. The measurements behind the defaults below are in
     ``docs/design-history.md``.
     surrogate : any ``nn.Module`` returning ``(B, M, C)``; default: the model's trunk plus a new
         head (:func:`fastlla.surrogate.default_surrogate`).
@@ -171,37 +178,39 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
             n_features, surrogate, seed, last_layer, residual_variance, head_width, gate
         )
         self.last_layer = last_layer
-        self.residual_variance = resolve_residual_variance(residual_variance, self.likelihood)
+        self.residual_variance = residual_variance
         self.residual_head: ResidualHead | None = None
         self._auto_features = options["auto_features"]
-        self.n_features = options["n_features"]
-        self.n_learned = options["n_features"]  # learned features; n_features becomes the total
+        self._n_features_option = options["n_features"]
+        self.n_features = options["n_features"]  # the total M once the surrogate is built
         self.head_width = head_width
         self.gate = gate
         self.surrogate = surrogate.eval() if surrogate is not None else None
         self.seed = options["seed"]
-        #: What the default surrogate was built with (``"auto"`` resolved); ``None`` before it
-        #: is built and for a user's ``surrogate``.
+        #: What every ``"auto"`` became (:func:`fastlla.scalla_settings.resolve`), recorded at
+        #: ``fit`` and restored by ``load_state_dict``; ``None`` before.
         self.settings: Settings | None = None
         self.posterior: FeaturePosterior | None = None
         self.history: list[dict[str, float]] = []
         self._head: NetworkHead | None = None  # read on the first training batch by fit
 
     def __repr__(self) -> str:
-        if self.settings is not None:  # what "auto" became
-            built = ", ".join(f"{k}={v!r}" for k, v in self.settings.as_dict().items())
-        elif self.surrogate is not None:
-            built = "surrogate=<user's>"
+        settings = self.settings
+        if settings is not None:  # what "auto" became
+            shown = settings.as_dict()
+            if settings.user_surrogate:
+                shown = {"surrogate": "<user's>", **{k: shown[k] for k in SHOWN_FOR_USER}}
+            if self.residual_mode != settings.residual_variance:  # switched after the fit
+                shown["residual_mode"] = self.residual_mode
+            built = ", ".join(f"{k}={v}" if k == "surrogate" else f"{k}={v!r}" for k, v in shown.items())
         else:
-            built = (
+            built = "surrogate=<user's>, " if self.surrogate is not None else (
                 f"last_layer={self.last_layer!r}, gate={self.gate!r}, "
-                f"head_width={self.head_width!r}, n_features={self.n_learned!r}"
-            )
+                f"head_width={self.head_width!r}, n_features={self.n_learned!r}, "
+            )  # fmt: skip
+            built += f"residual_variance={self.residual_variance!r}"
         state = "fitted" if self._fitted else "not fitted"
-        return (
-            f"ScaLLA({self._likelihood_name!r}, {built}, "
-            f"residual_variance={self.residual_mode!r}, seed={self.seed}, {state})"
-        )
+        return f"ScaLLA({self._likelihood_name!r}, {built}, seed={self.seed}, {state})"
 
     # ------------------------------------------------------------------ surrogate
     @property
@@ -212,61 +221,71 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         head = getattr(self, "_head", None)
         return head if head is not None else NetworkHead.registered(self.model)
 
-    def _verified_head(self) -> bool:
-        """Whether the network has a verified output layer (:attr:`head`)."""
-        try:
-            return self.head.output_layer is not None
-        except ValueError:  # no nn.Linear at all
-            return False
-
-    def _resolve_augment(self, augment: Any, x0: Any) -> Any:
-        """The augmentation ``fit(augment=...)`` means for this model and data (or ``None``)."""
-        if augment == "mixup":
-            return mixup
-        if isinstance(augment, str):  # "auto" (fit checked the value)
-            tensor = isinstance(x0, Tensor) and x0.is_floating_point()
-            return mixup if tensor and self.likelihood is Likelihood.REGRESSION else None
-        return augment
-
     @property
     def last_layer_used(self) -> bool | int:
         """The exact last-layer block of the default surrogate (:attr:`settings`); the
-        ``last_layer`` option for a user's surrogate."""
-        return self.settings.last_layer if self.settings is not None else self.last_layer
+        ``last_layer`` option before a fit and for a user's surrogate."""
+        settings = self.settings
+        if settings is None or settings.user_surrogate:
+            return self.last_layer
+        return settings.last_layer
 
     @property
     def gate_used(self) -> bool:
         """Whether the default surrogate's learned features are gated (:attr:`settings`)."""
-        return self.settings is not None and self.settings.gate
+        return self.settings is not None and bool(self.settings.gate)
 
-    def _ensure_surrogate(self, n_outputs: int, context: bool = False, x0: Any = None) -> nn.Module:
-        """Build the default surrogate unless there is one: the options are resolved once, from
-        :attr:`head`, into :attr:`settings` (:mod:`fastlla.scalla_settings`); ``x0`` (a batch)
-        confirms the gated structure on data. New weights come from a generator seeded with
-        ``seed`` (the global RNG is not used)."""
+    @property
+    def n_learned(self) -> int:
+        """The learned feature dimension of the default surrogate (:attr:`settings`); the
+        ``n_features`` option (default 128) before a fit and for a user's surrogate."""
+        settings = self.settings
+        if settings is None or settings.user_surrogate:
+            return self._n_features_option
+        return settings.n_learned
+
+    def _options(self) -> dict[str, Any]:
+        """The keyword options as they are now (a user may have set the attributes), checked
+        (:func:`fastlla.scalla_settings.check_options`)."""
+        return check_options(
+            None if self._auto_features else self._n_features_option, self.surrogate, self.seed,
+            self.last_layer, self.residual_variance, self.head_width, self.gate,
+        )  # fmt: skip
+
+    def _resolve_settings(self, x0: Any, augment: Any, kernel_steps: bool) -> None:
+        """Resolve every ``"auto"`` once into :attr:`settings`
+        (:func:`fastlla.scalla_settings.resolve`) from the options, the network's output layer
+        (:attr:`head`), the likelihood and the first batch ``x0``; a surrogate already there (a
+        refit, a user's) keeps its record. A residual head an earlier fit left is kept only
+        where the new settings use it."""
+        head = self.head
+        self.settings = resolve(
+            self.model, head, self.n_outputs, self.likelihood, self._options(),
+            surrogate=self.surrogate, built=self.settings, x0=x0, augment=augment,
+            trains_head=kernel_steps or self.residual_head is not None,
+        )  # fmt: skip
+        if self.settings.residual_variance != "head":
+            self.residual_head = None
+        if self.surrogate is None and head.output_layer is None and head.feature_layer:
+            warnings.warn(
+                f"fastlla: the network's output is not the output of an nn.Linear: "
+                f"{head.reason}. ScaLLA's default surrogate therefore assumes nothing about "
+                "the output layer: no exact last-layer block, no gate and no residual head by "
+                "default; its features are learned from the input of "
+                f"{head.feature_layer!r}. Check "
+                "kernel_fidelity, or pass surrogate=<nn.Module returning (B, M, C)>",
+                UserWarning,
+                stacklevel=4,  # the caller of fit
+            )
+
+    def _ensure_surrogate(self, n_outputs: int) -> nn.Module:
+        """Build the default surrogate :attr:`settings` describe unless there is one
+        (:func:`fastlla.scalla_settings.build_surrogate`: new weights from a generator seeded
+        with ``seed``, the global RNG is not used)."""
         if self.surrogate is None:
-            head = self.head
-            settings = resolve(
-                self.model, head, n_outputs, last_layer=self.last_layer, gate=self.gate,
-                head_width=self.head_width, n_features=self.n_learned,
-                auto_features=self._auto_features,
-            )  # fmt: skip
-            if head.output_layer is None and head.feature_layer:
-                warnings.warn(
-                    f"fastlla: the network's output is not the output of an nn.Linear: "
-                    f"{head.reason}. ScaLLA's default surrogate therefore assumes nothing about "
-                    "the output layer: no exact last-layer block, no gate and no residual head by "
-                    "default; its features are learned from the input of "
-                    f"{head.feature_layer!r}. Check "
-                    "kernel_fidelity, or pass surrogate=<nn.Module returning (B, M, C)>",
-                    UserWarning,
-                    stacklevel=5  # the caller of fit,
-                )
-            self.surrogate, self.settings = build_surrogate(
-                self.model, settings, head, n_outputs, self.network.n_params, self.seed, x0,
-                self.gate,
-            )  # fmt: skip
-            self.n_learned = self.settings.n_learned
+            self.surrogate = build_surrogate(
+                self.model, self.settings, self.head, n_outputs, self.network.n_params, self.seed
+            )
         return self.surrogate
 
     def _residual_head(self, n_outputs: int) -> ResidualHead:
@@ -363,27 +382,29 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
             )
             self._reset()
             x0 = self._read_network(train_loader)  # 1. run the network once: outputs, head
-            self._prepare_surrogate(train_loader, x0, context_loader is not None)  # 2. surrogate
+            self._resolve_settings(x0, augment, auto or bool(iterations))  # 2. "auto" resolved
+            self._prepare_surrogate(train_loader, x0)  # 3. the surrogate it describes
             self._train_config = {
                 "n_projections": int(n_projections), "schedule": schedule, "ema": ema,
                 "callback": callback, "callback_every": max(int(callback_every), 1),
-                "augment": self._resolve_augment(augment, x0),
+                "augment": augment if self.settings.augment == "callable"
+                else AUGMENTATIONS.get(self.settings.augment),
                 "time_budget": float(time_budget) if auto else None,
             }  # fmt: skip
             settings = dict(
                 iterations=iterations if auto else int(iterations), n_projections=n_projections,
-                lr=lr, distribution=distribution,
+                lr=lr, distribution=distribution, **self.settings.as_dict(),
             )  # fmt: skip
         distributed.check_fit_start(
             self, train_loader, context_loader, x0 if fault.ok else None,
             settings if fault.ok else {}, fault.error,
         )  # fmt: skip
-        if auto or iterations:  # 3. kernel matching, the residual head trained beside it
+        if auto or iterations:  # 4. kernel matching, the residual head trained beside it
             self._train_surrogate(
                 train_loader, context_loader, AUTO_MAX_STEPS if auto else int(iterations),
                 n_projections, lr, distribution, progress_bar,
             )  # fmt: skip
-        self._fit_posterior(train_loader, progress_bar)  # 4. the feature-space posterior
+        self._fit_posterior(train_loader, progress_bar)  # 5. the feature-space posterior
 
     def _read_network(self, train_loader: Iterable) -> Any:
         """Run the network on the first training batch: check its outputs and read its output
@@ -396,10 +417,10 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
         self._head = find_head(self.model, x0)
         return x0
 
-    def _prepare_surrogate(self, train_loader: Iterable, x0: Any, context: bool) -> None:
+    def _prepare_surrogate(self, train_loader: Iterable, x0: Any) -> None:
         """Build the default surrogate unless there is one (:meth:`_ensure_surrogate`), read its
         number of features and fit the exact last-layer block's basis on the training inputs."""
-        surrogate = self._ensure_surrogate(self.n_outputs, context, x0)
+        surrogate = self._ensure_surrogate(self.n_outputs)
         surrogate.to(device=self.device)
         learned = getattr(surrogate, "learned", surrogate)
         if isinstance(learned, GatedSurrogate):  # its W is the network's: current at each fit

@@ -44,9 +44,9 @@ from .network_head import (
     InputOf,
     NetworkHead,
     gated_structure,
+    gated_structure_runs,
     last_linear,
     penultimate,
-    tapped_network,
 )
 
 __all__ = [
@@ -316,17 +316,11 @@ class GatedSurrogate(nn.Module):
         phi = penultimate(self._model[0], self.head_name, x, bias=False)
         return self.features(phi, *args, **kwargs)
 
-    @torch.no_grad()
     def check(self, x: Any) -> bool:
         """Whether, on the batch ``x``, the network's head reads the activation's output and the
-        activation reads the gated layer's output — the structure the features assume."""
-        tapped, seen = tapped_network(self._model[0], self.structure)
-        call_module(tapped, x)
-        if len(seen) != 3:
-            return False
-        (_, z), (a_in, a_out), (h_in, _) = (seen[n] for n in self.structure)
-        same = a_in.shape == z.shape and h_in.shape == a_out.shape
-        return bool(same and torch.equal(a_in, z) and torch.equal(h_in, a_out))
+        activation reads the gated layer's output — the structure the features assume
+        (:func:`~fastlla.network_head.gated_structure_runs`)."""
+        return gated_structure_runs(self._model[0], self.structure, x)
 
 
 class ResidualHead(nn.Module):

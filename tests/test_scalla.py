@@ -514,7 +514,8 @@ def test_settings_record_what_auto_became_and_survive_a_weights_only_round_trip(
         s.gate = not s.gate
     torch.save(la.state_dict(), tmp_path / "la.pt")
     state = torch.load(tmp_path / "la.pt", weights_only=True)
-    assert {k: state[k] for k in ("last_layer", "gate", "head_width", "n_learned")} == s.as_dict()
+    keys = ("last_layer", "gate", "head_width", "n_learned", "residual_variance", "augment")
+    assert {k: state[k] for k in keys} == s.as_dict()
     fresh = fastlla.ScaLLA(copy.deepcopy(model), "classification", n_features=6)
     fresh.load_state_dict(state)
     assert fresh.settings == s and repr(fresh) == repr(la)
