@@ -9,6 +9,7 @@ and tunes ``δ`` (and ``σ``) by maximising it (``"marglik"``) or by a validatio
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -357,8 +358,10 @@ class Evidence:
 
 class _CallableValue(Tensor):
     """A tensor that can also be called: laplace-torch reads ``log_likelihood`` and
-    ``log_det_ratio`` as properties, fastlla calls them with new hyper-parameters; the value
-    serves both. A call recomputes; any operation on the value gives a plain tensor."""
+    ``log_det_ratio`` as properties, fastlla calls them with new hyper-parameters (the one
+    differentiable access to them at given ``(δ, σ)``: the setters store detached values); the
+    value serves both. A call recomputes; any operation on the value gives a plain tensor, and
+    it is saved, pickled and copied as the plain tensor (the estimator the call needs is not)."""
 
     _fn: Any
 
@@ -373,6 +376,12 @@ class _CallableValue(Tensor):
 
     def __repr__(self, **kwargs: Any) -> str:
         return repr(self.as_subclass(Tensor))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.as_subclass(Tensor).__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Tensor:
+        return copy.deepcopy(self.as_subclass(Tensor), memo)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001

@@ -197,12 +197,12 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
     def __repr__(self) -> str:
         settings = self.settings
         if settings is not None:  # what "auto" became
-            shown = settings.as_dict()
+            shown = {k: repr(v) for k, v in settings.as_dict().items()}
             if settings.user_surrogate:
                 shown = {"surrogate": "<user's>", **{k: shown[k] for k in SHOWN_FOR_USER}}
             if self.residual_mode != settings.residual_variance:  # switched after the fit
-                shown["residual_mode"] = self.residual_mode
-            built = ", ".join(f"{k}={v}" if k == "surrogate" else f"{k}={v!r}" for k, v in shown.items())
+                shown["residual_mode"] = repr(self.residual_mode)
+            built = ", ".join(f"{k}={v}" for k, v in shown.items())
         else:
             built = "surrogate=<user's>, " if self.surrogate is not None else (
                 f"last_layer={self.last_layer!r}, gate={self.gate!r}, "

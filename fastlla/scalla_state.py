@@ -58,8 +58,9 @@ class SavedState:
         admit it), the surrogate's and residual head's weights (keys and shapes) and ``H``
         against the surrogate's number of features — so a refused state (a clear error naming
         the key) leaves the estimator as it was. Without a surrogate, the default one is built
-        as ``fit`` builds it (from a generator seeded by the saved ``seed``) and loaded; a state
-        of a user's surrogate needs the estimator constructed with ``surrogate=``. A state saved
+        as ``fit`` builds it (from a generator seeded by the saved ``seed``) and loaded — for a
+        state of a user's surrogate, the one this estimator's options build, which loads where
+        it has the same architecture (else the error names ``surrogate``). A state saved
         before the record held ``residual_variance`` and ``augment`` loads too: its
         ``residual_variance`` is ``"head"`` where it holds a residual head, else ``False``, its
         ``augment`` ``"unrecorded"``. The surrogate's options (``last_layer``, ``gate``,
@@ -124,7 +125,9 @@ class SavedState:
         surrogate already there, the record is taken as saved (an older state's surrogate fields
         from the surrogate it loads into); otherwise it must describe a default surrogate the
         network admits: it is passed through :func:`~fastlla.scalla_settings.resolve` as
-        explicit options, which keeps them (an older state's ``"auto"`` is resolved, as then)."""
+        explicit options, which keeps them (an older state's ``"auto"`` is resolved, as then; a
+        user's surrogate's record takes the fields of the default surrogate this estimator's
+        options resolve to)."""
         has_head = state.get("residual_head") is not None
         recorded = "residual_variance" in state or "augment" in state
         if recorded:
@@ -140,16 +143,14 @@ class SavedState:
             built = self.settings
             kept = {f: getattr(built, f) if built is not None else None for f in SURROGATE_FIELDS}
             return dataclasses.replace(saved, **kept)
-        if saved.user_surrogate:
-            raise ValueError(
-                "fastlla: state_dict is of a user's surrogate (state_dict['last_layer'] is None): "
-                "construct ScaLLA with surrogate=<a module of its architecture>"
-            )
-        options = dict(
-            last_layer=saved.last_layer, gate=saved.gate, head_width=saved.head_width,
-            n_features=saved.n_learned, auto_features=False,
-            residual_variance=saved.residual_variance,
-        )  # fmt: skip
+        if saved.user_surrogate:  # the default surrogate of this estimator's options
+            options = self._options()
+        else:
+            options = dict(
+                last_layer=saved.last_layer, gate=saved.gate, head_width=saved.head_width,
+                n_features=saved.n_learned, auto_features=False,
+                residual_variance=saved.residual_variance,
+            )  # fmt: skip
         try:
             resolved = resolve(self.model, self.head, state["n_outputs"], self.likelihood, options)
         except ValueError as err:
@@ -159,7 +160,7 @@ class SavedState:
             ) from err
         fields = {f: getattr(resolved, f) for f in SURROGATE_FIELDS}
         changed = [f for f in SURROGATE_FIELDS if fields[f] != getattr(saved, f)]
-        if recorded and changed:  # (resolve keeps explicit values: a guard)
+        if recorded and changed and not saved.user_surrogate:  # (explicit values are kept)
             raise ValueError(
                 f"fastlla: state_dict[{changed[0]!r}] = {getattr(saved, changed[0])!r} does not "
                 f"fit this model (it resolves to {fields[changed[0]]!r})"
@@ -175,7 +176,9 @@ def _older_settings(
     option, and may be ``"auto"``)."""
     last_layer = state.get("last_layer", last_layer)
     if last_layer != "auto" and not isinstance(last_layer, (bool, int)):
-        raise TypeError(f"fastlla: state_dict['last_layer'] must be a bool or int, got {last_layer!r}")
+        raise TypeError(
+            f"fastlla: state_dict['last_layer'] must be a bool or int, got {last_layer!r}"
+        )
     head_width = _state_int(state, "head_width", minimum=0) if "head_width" in state else 0
     gate = state.get("gate", False)
     if not isinstance(gate, bool):

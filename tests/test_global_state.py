@@ -281,6 +281,19 @@ def _tampered(kind, state):
         rh = state["residual_head"]
         add("residual_head_shape", lambda s: s.__setitem__(
             "residual_head", {k: v[:-1] if v.dim() else v for k, v in rh.items()}), "residual_head")
+        # the settings record (scalla_settings.check_saved): each field's type, and coherence
+        add("gate_not_bool", lambda s: s.__setitem__("gate", "yes"), "'gate'")
+        add("last_layer_auto", lambda s: s.__setitem__("last_layer", "auto"), "'last_layer'")
+        add("head_width_negative", lambda s: s.__setitem__("head_width", -1), "'head_width'")
+        add("n_learned_too_big", lambda s: s.__setitem__("n_learned", n + 1), "'n_learned'")
+        add("residual_auto", lambda s: s.__setitem__("residual_variance", "auto"),
+            "'residual_variance'")
+        add("residual_off_with_a_head", lambda s: s.__setitem__("residual_variance", False),
+            "'residual_variance'")
+        add("augment_unknown", lambda s: s.__setitem__("augment", "cutmix"), "'augment'")
+        add("user_and_default_mixed", lambda s: s.__setitem__("last_layer", None), "'gate'")
+        add("augment_missing", lambda s: s.pop("augment"), "'augment'")
+        add("gate_without_its_block", lambda s: s.update(last_layer=False, gate=True), "'gate'")
     else:
         add("bad_form", lambda s: s.__setitem__("form", "other"), "form")
         add("chunk_size", lambda s: s.__setitem__("chunk_size", 0), "chunk_size")

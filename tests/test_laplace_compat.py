@@ -1354,3 +1354,30 @@ def test_workflow_api_probe(structure):
     assert la.prior_precision_diag.shape == (P,)
     assert la.log_prob(la.mean).shape == () and float(la.square_norm(la.mean)) == 0.0
     assert torch.equal(la.predictive(x, "glm", "probit", 10), la(x))
+
+
+@pytest.mark.parametrize("kind", ["ExactLLA", "ScaLLA"])
+def test_log_det_ratio_and_log_likelihood_save_and_copy_as_plain_tensors(kind, tmp_path):
+    """laplace-torch's properties are plain tensors: saving one (``torch.save``, loaded with
+    torch's default ``weights_only=True``), pickling or deep-copying it must not carry the
+    estimator fastlla's callable form refers to; the value is kept, and the call still works."""
+    import pickle
+
+    model = model_for()
+    X, y = data("regression")
+    if kind == "ExactLLA":
+        la = ExactLLA(model, "regression", sigma_noise=0.7).fit(loader(X, y))
+    else:
+        la = ScaLLA(model, "regression", n_features=4, sigma_noise=0.7)
+        la.fit(loader(X, y), iterations=1, progress_bar=False)
+    values = {"log_det_ratio": la.log_det_ratio, "log_likelihood": la.log_likelihood}
+    torch.save(values, tmp_path / "values.pt")
+    loaded = torch.load(tmp_path / "values.pt")  # weights_only=True: torch's default
+    copied = copy.deepcopy(values)
+    pickled = pickle.loads(pickle.dumps(values))
+    for name, value in values.items():
+        for other in (loaded[name], copied[name], pickled[name]):
+            assert type(other) is torch.Tensor and torch.equal(other, value.as_subclass(torch.Tensor))
+    assert len(pickle.dumps(values["log_det_ratio"])) < 2_000  # the value only, not the model
+    assert float(la.log_det_ratio(2.0, 0.5)) == float(la._log_det_ratio_at(2.0, 0.5))
+    assert float(la.log_det_ratio(2.0)) != float(la.log_det_ratio)

@@ -17,6 +17,7 @@ from fastlla import _ops
 from fastlla.functional import NetworkFunction
 from fastlla.laplace import NotFittedError
 from fastlla.projections import stack_rows
+from fastlla.scalla_settings import Settings
 
 DTYPE = torch.float64
 
@@ -519,3 +520,128 @@ def test_settings_record_what_auto_became_and_survive_a_weights_only_round_trip(
     fresh = fastlla.ScaLLA(copy.deepcopy(model), "classification", n_features=6)
     fresh.load_state_dict(state)
     assert fresh.settings == s and repr(fresh) == repr(la)
+
+
+class TokenRegressor(nn.Module):
+    """Integer token inputs (B, T) → (B, C): ``augment="auto"`` must not mix them."""
+
+    def __init__(self, C: int = 2):
+        super().__init__()
+        self.embed, self.out = nn.Embedding(11, 4), nn.Linear(4, C)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.embed(x).mean(1)))
+
+
+def _image_regression(n: int = 16):
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 2)).to(DTYPE)
+    X = torch.randn(n, 1, 4, 4, generator=g, dtype=DTYPE)
+    with torch.no_grad():
+        y = model(X) + 0.1 * torch.randn(n, 2, generator=g, dtype=DTYPE)
+    return model, DataLoader(TensorDataset(X, y), batch_size=8)
+
+
+def _token_regression(n: int = 16):
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    model = TokenRegressor().to(DTYPE)
+    X = torch.randint(0, 11, (n, 5), generator=g)
+    with torch.no_grad():
+        y = model(X) + 0.1 * torch.randn(n, 2, generator=g, dtype=DTYPE)
+    return model, DataLoader(TensorDataset(X, y), batch_size=8)
+
+
+def test_settings_record_what_every_auto_became_at_fit():
+    """One record, made at fit by scalla_settings.resolve: residual_variance="auto" is the head
+    for classification (when kernel matching runs) and off for regression; augment="auto" is
+    mixup for regression on floating-point tensors (tabular or image-like), nothing for
+    classification or integer tokens; a user's surrogate has no surrogate settings. The options
+    themselves stay as given, and the training used what the record says."""
+    model, loader, _ = make_problem("classification")
+    la = fastlla.ScaLLA(model, "classification", n_features=6)
+    assert "residual_variance='auto'" in repr(la)
+    la.fit(loader, iterations=2, progress_bar=False)
+    s = la.settings
+    assert (s.residual_variance, s.augment) == ("head", None)
+    assert la.residual_head is not None and la.residual_mode == "head"
+    assert (la.residual_variance, la.last_layer, la.gate, la.head_width) == ("auto",) * 4
+    la.fit(loader, iterations=0, progress_bar=False)  # a refit keeps the surrogate's record
+    assert la.settings == s  # and the head it trained (the surrogate did not move)
+    fresh = fastlla.ScaLLA(model, "classification", n_features=6)
+    assert fresh.fit(loader, iterations=0, progress_bar=False).settings.residual_variance is False
+    assert fresh.residual_head is None
+    used = []
+    la = fastlla.ScaLLA(model, "classification", n_features=6, residual_variance="jvp")
+    la.fit(loader, iterations=2, augment=lambda x, step: used.append(step) or x, progress_bar=False)
+    assert (la.settings.residual_variance, la.settings.augment) == ("jvp", "callable")
+    assert used == [0, 1] and la.residual_head is None
+    la.fit(loader, iterations=1, augment="mixup", progress_bar=False)
+    assert la.settings.augment == "mixup" and la._train_config["augment"] is fastlla.augment.mixup
+
+    reg_model, reg_loader, _ = make_problem("regression")
+    for model_, loader_, augment in (
+        (reg_model, reg_loader, "mixup"),  # tabular floats
+        (*_image_regression(), "mixup"),  # image-like floats
+        (*_token_regression(), None),  # integer tokens
+    ):
+        la = fastlla.ScaLLA(model_, "regression", n_features=4, head_width=0)
+        la.fit(loader_, iterations=1, progress_bar=False)
+        assert (la.settings.residual_variance, la.settings.augment) == (False, augment)
+        assert la._train_config["augment"] is (fastlla.augment.mixup if augment else None)
+        assert la.residual_head is None and la.residual_mode is False
+    la = fastlla.ScaLLA(reg_model, "regression", n_features=4)
+    la.fit(reg_loader, iterations=1, augment=None, progress_bar=False)
+    assert la.settings.augment is None
+
+    user = fastlla.ScaLLA(model, "classification", surrogate=JacobianSurrogate(model))
+    user.fit(loader, iterations=0, progress_bar=False)
+    assert user.settings == Settings(None, None, None, None, False, None)
+    assert user.settings.user_surrogate
+    assert repr(user).startswith("ScaLLA('classification', surrogate=<user's>, residual_variance=")
+    assert user.last_layer_used == "auto" and user.n_learned == 128  # the options, unresolved
+
+
+def test_settings_round_trip_through_the_state_dict_and_show_in_repr():
+    """The record is saved under its field names, read back by a fresh estimator (for the
+    default surrogate and a user's), and repr shows every field — and the correction in force
+    where the attribute was switched after the fit."""
+    model, loader, x = make_problem("regression")
+    la = fastlla.ScaLLA(model, "regression", n_features=5, residual_variance="head")
+    la.fit(loader, iterations=2, progress_bar=False)
+    s = la.settings
+    assert (s.residual_variance, s.augment, s.head_width) == ("head", "mixup", 512)
+    for k, v in s.as_dict().items():
+        assert f"{k}={v!r}" in repr(la)
+    state = la.state_dict()
+    fresh = fastlla.ScaLLA(model, "regression", n_features=5)  # residual_variance="auto"
+    fresh.load_state_dict(state)
+    assert fresh.settings == s and fresh.residual_mode == "head" and repr(fresh) == repr(la)
+    assert torch.equal(fresh.predictive_distribution(x)[1], la.predictive_distribution(x)[1])
+    la.residual_variance = False  # switched after the fit: the record stays, repr says both
+    assert la.settings == s and repr(la).endswith("residual_mode=False, seed=0, fitted)")
+    assert la.state_dict()["residual_variance"] == "head"
+
+    cls_model, cls_loader, _ = make_problem("classification")
+    user = fastlla.ScaLLA(cls_model, "classification", surrogate=JacobianSurrogate(cls_model))
+    user.fit(cls_loader, iterations=0, progress_bar=False)
+    other = fastlla.ScaLLA(cls_model, "classification", surrogate=JacobianSurrogate(cls_model))
+    other.load_state_dict(user.state_dict())
+    assert other.settings == user.settings and repr(other) == repr(user)
+
+
+def test_an_older_state_without_the_new_settings_still_loads():
+    """A state saved before the record held residual_variance and augment: the correction is
+    the head it holds, the augmentation "unrecorded"; the predictive is the same."""
+    model, loader, x = make_problem("classification")
+    la = fastlla.ScaLLA(model, "classification", n_features=6).fit(loader, iterations=2, progress_bar=False)
+    old = {k: v for k, v in la.state_dict().items() if k not in ("residual_variance", "augment")}
+    fresh = fastlla.ScaLLA(model, "classification", n_features=6)
+    fresh.load_state_dict(old)
+    assert fresh.settings == dataclasses.replace(la.settings, augment="unrecorded")
+    assert torch.equal(fresh.predictive_distribution(x)[1], la.predictive_distribution(x)[1])
+    with pytest.raises(ValueError, match=r"lacks the key\(s\) \['augment'\]"):
+        fastlla.ScaLLA(model, "classification").load_state_dict(
+            {k: v for k, v in la.state_dict().items() if k != "augment"}
+        )
