@@ -12,9 +12,9 @@ then
    ``ΦΦᵀ`` matches ``ZZᵀ`` (the fused
    ``fastlla::kernel_matching_loss``, with the train/context cross blocks of the target zeroed).
    Adam with a cosine decay to zero over the iteration budget.
-2. **Posterior** (:meth:`ScaLLA._fit_posterior`). One pass over the training data accumulates
-   the feature-space GGN ``H = Σ_n Φ_n Λ_n Φ_nᵀ`` (``fastlla::ggn_accumulate``) and the
-   log-likelihood at ``θ*``.
+2. **Posterior** (:mod:`fastlla.feature_posterior`). One pass over the training data
+   accumulates the feature-space GGN ``H = Σ_n Φ_n Λ_n Φ_nᵀ`` (``fastlla::ggn_accumulate``) and
+   the log-likelihood at ``θ*``; ``update`` absorbs new data without revisiting the old.
 
 Prediction (:mod:`fastlla.feature_predictive`) costs one network forward, one surrogate forward
 and ``O(M²C)`` per input; saving is in :mod:`fastlla.scalla_state`.
@@ -29,17 +29,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from . import _ops, distributed
+from . import distributed
 from .augment import mixup
 from .export import Predictor
+from .feature_posterior import FeaturePosteriorPass
 from .feature_predictive import FeaturePredictive
 from .kernel_training import AUTO_MAX_STEPS, KernelTraining
 from .laplace import LaplaceBase
 from .network_head import NetworkHead, find_head
-from .posterior import FeaturePosterior, compress_factor
-from .predictive import Likelihood, softmax_hessian_factor
+from .posterior import FeaturePosterior
 from .scalla_settings import (
     Settings,
     build_residual_head,
@@ -64,7 +63,9 @@ AUGMENTATIONS = {"mixup": mixup}
 SHOWN_FOR_USER = ("residual_variance", "augment")
 
 
-class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
+class ScaLLA(
+    KernelTraining, FeaturePosteriorPass, FeaturePredictive, SavedState, LaplaceBase
+):
     """Scalable linearized Laplace approximation via a surrogate neural kernel.
 
     The leading parameters are laplace-torch's ``BaseLaplace``'s, in its order (see
@@ -430,82 +431,6 @@ class ScaLLA(KernelTraining, FeaturePredictive, SavedState, LaplaceBase):
             self.n_features = self._surrogate_features(x0).shape[1]
         if isinstance(surrogate, LastLayerSurrogate):
             surrogate.fit_basis(x for x, _ in self._batches(train_loader))
-
-    def _fit_posterior(self, loader: Iterable, progress_bar: bool = False) -> None:
-        M = self.n_features
-        H = torch.zeros(M, M, dtype=self.dtype, device=self.device)
-        classification = self.likelihood is Likelihood.CLASSIFICATION
-        shard = distributed.shard(loader, "posterior")  # this rank's share (torch.distributed)
-        fault = distributed.Fault("fit (posterior)")  # raised on every rank by the all-reduce
-        with fault, torch.no_grad():
-            for x, y in tqdm(self._batches(shard), disable=not progress_bar, desc="ScaLLA GGN"):
-                f = self.network.output(x)
-                self._accumulate_loglik(f, y)
-                phi = self._surrogate_features(x)
-                _ops.ggn_accumulate(H, phi.contiguous(), f if classification else None)
-        distributed.all_reduce_posterior(self, H, fault.error, fault.what)
-        self.posterior = FeaturePosterior(H)
-        self._mark_fitted()
-
-    # ------------------------------------------------------------------ streaming updates
-    def update(self, loader: Iterable, progress_bar: bool = False) -> ScaLLA:
-        """Absorb new data into the fitted posterior without refactorising or revisiting old data.
-
-        Each batch contributes the factor ``W_n = Φ_n R_n`` (``R_n R_nᵀ = Λ_n``); ``H`` grows
-        by ``WWᵀ`` and the cached Cholesky factor is updated in ``O(M²k)``
-        (``fastlla::cholesky_update``), the log-likelihood statistics and ``n_data`` grow by the
-        new data's. The surrogate is not retrained. The result equals a fit over old and new data
-        with the same surrogate; :meth:`optimize_prior_precision` may be called again after it.
-
-        Every batch is read and checked (inputs, targets against the likelihood, the number of
-        outputs and features) before anything changes: a refused update leaves the estimator as
-        it was. Under ``torch.distributed`` the loader is sharded as in :meth:`fit` and every rank
-        absorbs all ranks' data.
-        """
-        self._check_fitted()
-        error, W, stat, count = None, None, 0.0, 0
-        try:
-            shard = distributed.shard(loader, "posterior")
-            W, stat, count = self._update_terms(shard, progress_bar)
-        except (ValueError, TypeError, RuntimeError) as err:
-            error = err
-        distributed.agree(error, "update")  # every rank refuses if one does
-        W = compress_factor(distributed.gather_columns(W))
-        stat_t, count_t = distributed.sum_over_ranks(
-            torch.tensor(stat, dtype=torch.float64), torch.tensor(float(count), dtype=torch.float64)
-        )
-        if int(count_t) == 0:
-            raise ValueError("fastlla: the update loader is empty")
-        self.posterior.update(W)
-        self._loglik_stat += float(stat_t)
-        self.n_data += int(round(float(count_t)))
-        return self
-
-    def _update_terms(self, loader: Iterable, progress_bar: bool) -> tuple[Tensor, float, int]:
-        """``W`` (M, ≤ M columns), the log-likelihood statistic and the count of ``loader``."""
-        classification = self.likelihood is Likelihood.CLASSIFICATION
-        M, blocks, stat, count = self.n_features, [], 0.0, 0
-        W = torch.zeros(M, 0, dtype=self.dtype, device=self.device)
-        with torch.no_grad():
-            for batch in tqdm(loader, disable=not progress_bar, desc="ScaLLA update"):
-                checked = list(self._batches([batch], "loader", allow_empty=True))
-                if not checked:  # a batch of no inputs
-                    continue
-                ((x, y),) = checked
-                f = self.network.output(x)
-                self._check_outputs(f, y)
-                stat += self._loglik_term(f, y)
-                count += f.shape[0]
-                phi = check_surrogate_output(
-                    surrogate_features(self.surrogate, x), x, self.n_outputs, M
-                )
-                if classification:
-                    phi = phi @ softmax_hessian_factor(f)
-                blocks.append(phi.permute(1, 0, 2).reshape(M, -1))
-                if sum(b.shape[1] for b in blocks) > 2 * M:
-                    W = compress_factor(torch.cat([W, *blocks], dim=1))
-                    blocks = []
-        return compress_factor(torch.cat([W, *blocks], dim=1)), stat, count
 
     # ------------------------------------------------------------------ deployment
     def export(self, output: str = "auto", include_noise: bool = False) -> nn.Module:
