@@ -86,6 +86,7 @@ class Settings:
         return self.last_layer is None
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields by name: the entries :meth:`fastlla.ScaLLA.state_dict` saves."""
         return dataclasses.asdict(self)
 
 
