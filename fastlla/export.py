@@ -207,9 +207,9 @@ class Predictor(nn.Module):
         ``surrogate``, the surrogate is built as :class:`fastlla.ScaLLA` builds its default,
         from the record :func:`fastlla.scalla_settings.resolve` makes of the same keyword
         options (``n_features``, ``last_layer``, ``head_width``, ``gate``,
-        ``residual_variance``, ``seed``) the estimator was given (the shared estimator options, ``sigma_noise`` to ``asdl_fisher_kwargs``, are
-        accepted and unused; another keyword raises ``TypeError``);
-        with one, ``n_features`` is its ``M``. ``residual_head``: whether the fitted estimator
+        ``residual_variance``, ``seed``) the estimator was given (the shared estimator options,
+        ``sigma_noise`` to ``asdl_fisher_kwargs``, are accepted and unused; another keyword
+        raises ``TypeError``); with one, ``n_features`` is its ``M``. ``residual_head``: whether the fitted estimator
         had one (``None``: as a ``fit`` with kernel-matching steps under ``scalla_options``
         leaves it). ``predictor_options`` go to the constructor.
         """

@@ -3,8 +3,8 @@
 The saved state holds plain values (ints, bools, floats, tensors and dicts of them, so
 ``torch.load(..., weights_only=True)`` reads it): the shared hyper-parameters and log-likelihood
 statistic (:class:`~fastlla.fit_state.FitState`), :class:`~fastlla.scalla_settings.Settings`
-(what every ``"auto"`` became, its fields under their names), the network's output layer as read at ``fit``, the surrogate's and
-residual head's weights and the feature-space GGN ``H``.
+(what every ``"auto"`` became, its fields under their names), the network's output layer as read
+at ``fit``, the surrogate's and residual head's weights and the feature-space GGN ``H``.
 
 :class:`SavedState` is a mixin of :class:`fastlla.ScaLLA`.
 """

@@ -1377,7 +1377,8 @@ def test_log_det_ratio_and_log_likelihood_save_and_copy_as_plain_tensors(kind, t
     pickled = pickle.loads(pickle.dumps(values))
     for name, value in values.items():
         for other in (loaded[name], copied[name], pickled[name]):
-            assert type(other) is torch.Tensor and torch.equal(other, value.as_subclass(torch.Tensor))
+            assert type(other) is torch.Tensor
+            assert torch.equal(other, value.as_subclass(torch.Tensor))
     assert len(pickle.dumps(values["log_det_ratio"])) < 2_000  # the value only, not the model
     assert float(la.log_det_ratio(2.0, 0.5)) == float(la._log_det_ratio_at(2.0, 0.5))
     assert float(la.log_det_ratio(2.0)) != float(la.log_det_ratio)

@@ -635,7 +635,8 @@ def test_an_older_state_without_the_new_settings_still_loads():
     """A state saved before the record held residual_variance and augment: the correction is
     the head it holds, the augmentation "unrecorded"; the predictive is the same."""
     model, loader, x = make_problem("classification")
-    la = fastlla.ScaLLA(model, "classification", n_features=6).fit(loader, iterations=2, progress_bar=False)
+    la = fastlla.ScaLLA(model, "classification", n_features=6)
+    la.fit(loader, iterations=2, progress_bar=False)
     old = {k: v for k, v in la.state_dict().items() if k not in ("residual_variance", "augment")}
     fresh = fastlla.ScaLLA(model, "classification", n_features=6)
     fresh.load_state_dict(old)
