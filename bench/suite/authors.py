@@ -189,22 +189,24 @@ def authors_surrogate(model: nn.Module, n_features: int, x: Tensor, seed: int = 
     body = copy.deepcopy(model)
     covered = {id(p) for m in body.modules() if hasattr(m, "reset_parameters")
                for p in m.parameters(recurse=False)}  # fmt: skip
-    missing = [n for n, p in body.named_parameters() if id(p) not in covered]
+    missing = [n for n, p in body.named_parameters() if id(p) not in covered
+               and not n.startswith(head.output_layer + ".")]  # fmt: skip
     if missing:
         raise ValueError(
             "authors_surrogate: cannot freshly initialise parameters held by modules without "
             f"reset_parameters: {missing[:5]}"
         )
     old: nn.Linear = body.get_submodule(head.output_layer)
+    new = nn.Linear(old.in_features, int(n_features) * C, device="meta", dtype=old.weight.dtype)
+    parent, _, attr = head.output_layer.rpartition(".")
+    setattr(body.get_submodule(parent) if parent else body, attr, new.to_empty(device=old.weight.device))
+    # Draw every module's init in registration order, the new layer in its place: the draws
+    # their hand-written ConvHead makes when constructed after torch.manual_seed(seed).
     with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(seed)
         for m in body.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        new = nn.Linear(old.in_features, int(n_features) * C, device=old.weight.device,
-                        dtype=old.weight.dtype)  # fmt: skip
-    parent, _, attr = head.output_layer.rpartition(".")
-    setattr(body.get_submodule(parent) if parent else body, attr, new)
     for p in body.parameters():
         p.requires_grad_(True)
     return AuthorsSurrogate(body, n_features, C, n_params).to(old.weight.device)
