@@ -13,14 +13,13 @@ import sys
 
 import pytest
 import torch
+from testing import eps_tolerance
 from torch import nn
 from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
-from testing import eps_tolerance
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench", "suite"))
-import authors as A  # noqa: E402
+import authors as A
 
 
 class Net(nn.Module):
@@ -173,7 +172,7 @@ def explicit_loss(model, surrogate, x, seed_state, n_train, zero):
     z = sum((jac[n].double() * v[n].double()).flatten(2).sum(-1) for n in params)  # (B, C)
     with torch.no_grad():
         phi = surrogate(x).double()  # (B, M, C)
-    B, M, C = phi.shape
+    B, _, C = phi.shape
     total = 0.0
     for i in range(B):
         for j in range(B):
@@ -250,11 +249,14 @@ def test_sampler_covers_each_item_once_per_epoch_and_context_likewise():
     assert len(seen) == 6 and all(n == 5 and len(ids) == 10 for ids, n in seen)
     train_ids = [ids[:5] for ids, _ in seen]
     ctx_ids = [ids[5:] for ids, _ in seen]
+    def flat(batches):
+        return [i for ids in batches for i in ids]
+
     for epoch in range(2):  # 3 steps per training epoch, 2 per context epoch
-        assert sorted(sum(train_ids[3 * epoch: 3 * epoch + 3], [])) == list(range(15))
+        assert sorted(flat(train_ids[3 * epoch : 3 * epoch + 3])) == list(range(15))
     for epoch in range(3):
-        assert sorted(sum(ctx_ids[2 * epoch: 2 * epoch + 2], [])) == list(range(100, 110))
-    assert sum(train_ids[:3], []) != sum(train_ids[3:], [])  # a fresh permutation per epoch
+        assert sorted(flat(ctx_ids[2 * epoch : 2 * epoch + 2])) == list(range(100, 110))
+    assert flat(train_ids[:3]) != flat(train_ids[3:])  # a fresh permutation per epoch
 
 
 def test_unequal_batches_split_at_the_training_batch():

@@ -97,7 +97,8 @@ import copy
 import math
 import time
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -109,20 +110,21 @@ from fastlla.network_head import find_head
 
 __all__ = [
     "PUBLISHED_FMNIST",
-    "AuthorsSurrogate",
-    "authors_surrogate",
     "AuthorsScaLLA",
-    "authors_loader",
+    "AuthorsSurrogate",
     "authors_fit",
+    "authors_loader",
+    "authors_surrogate",
     "published_entropy",
 ]
 
 #: Their FMNIST ScaLLA run: settings (``examples/FMNIST/results/alla/hparams.json``) and recorded
 #: metrics (``results/<run>/summary.json``) of ``github.com/Ludvins/BayesiPy``. OOD: KMNIST test.
+# fmt: off
 PUBLISHED_FMNIST: dict[str, Any] = {
     "settings": {"batch_size": 5, "n_features": 100, "lr": 5e-5, "iterations": 1_000_000,
                  "weight_decay": 0.0, "optimize_hyper_parameters": False,
-                 "context": "MNIST train", "prior_precision": 1.0, "seed": 0},  # fmt: skip
+                 "context": "MNIST train", "prior_precision": 1.0, "seed": 0},
     "metrics": {
         "map": {"ACC": 0.9101, "NLL": 0.2539, "ECE": 0.0102, "BRIER": 0.1313,
                 "OOD_AUROC_Entropy": 0.7732, "OOD_AUROC_Entropy_Gaussian": 0.5},
@@ -133,8 +135,9 @@ PUBLISHED_FMNIST: dict[str, Any] = {
                                         "OOD_AUROC_Entropy_Gaussian": 0.9827},
         "lla_last_layer_kron": {"ACC": 0.9092, "NLL": 0.2714, "ECE": 0.0239, "BRIER": 0.1367,
                                 "OOD_AUROC_Entropy": 0.8415, "OOD_AUROC_Entropy_Gaussian": 0.9928},
-    },  # fmt: skip
+    },
 }
+# fmt: on
 
 
 # --------------------------------------------------------------------------- the surrogate
