@@ -136,6 +136,21 @@ def test_surrogate_replaces_the_layer_that_produces_the_output_found_by_running(
     assert g(x).shape == (5, 2, 3)
 
 
+def test_surrogate_of_a_batchnorm_network_in_train_mode():
+    """The output width is read in eval mode (batch-norm on one input), the user's mode kept;
+    batch-norm's running statistics are reset with the rest."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
+    model(torch.randn(16, 4))  # running statistics away from their reset values
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = A.authors_surrogate(model, 2, torch.randn(5, 4))
+    assert model.training and model[1].training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(g.body[1].running_mean, torch.zeros(6))
+    assert torch.equal(g.body[1].running_var, torch.ones(6))
+    assert g.body[3].weight.shape == (6, 6)
+
+
 class RawParameter(nn.Module):
     def __init__(self):
         super().__init__()

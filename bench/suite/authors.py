@@ -179,14 +179,15 @@ def authors_surrogate(model: nn.Module, n_features: int, x: Tensor, seed: int = 
     """
     if int(n_features) < 1:
         raise ValueError(f"authors_surrogate: n_features must be at least 1, got {n_features}")
-    head = find_head(model, x)
+    with _eval_mode(model):  # as theirs, which puts the network in eval mode for good; and
+        head = find_head(model, x)  # find_head in train mode would update batch-norm statistics
     if head.output_layer is None or head.pooled:
         raise ValueError(
             "authors_surrogate: the network's output is not verified to be one nn.Linear of "
             f"(B, h) features ({head.reason or 'per-position output layer'}); their surrogate "
             "replaces that layer"
         )
-    with torch.no_grad():
+    with torch.no_grad(), _eval_mode(model):
         C = model(x[:1]).shape[-1]
     n_params = sum(p.numel() for p in model.parameters())
     body = copy.deepcopy(model)
