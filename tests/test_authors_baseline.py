@@ -182,7 +182,10 @@ def explicit_loss(model, surrogate, x, seed_state, n_train, zero):
     params = {n: p.detach() for n, p in model.named_parameters()}
     g = torch.Generator()
     g.set_state(seed_state)
-    v = {n: torch.sign(torch.rand(p.shape, generator=g, dtype=p.dtype) - 0.5) for n, p in params.items()}
+    v = {
+        n: torch.sign(torch.rand(p.shape, generator=g, dtype=p.dtype) - 0.5)
+        for n, p in params.items()
+    }
     jac = jacrev(lambda ps: functional_call(model, ps, (x,)))(params)  # name -> (B, C, *shape)
     z = sum((jac[n].double() * v[n].double()).flatten(2).sum(-1) for n in params)  # (B, C)
     with torch.no_grad():
@@ -248,7 +251,9 @@ def test_sampler_covers_each_item_once_per_epoch_and_context_likewise():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
     train, context = indexed(15), indexed(10)
     context.tensors[0][:, 0] += 100
-    la = A.AuthorsScaLLA(model, A.authors_surrogate(model, 2, train.tensors[0][:5]), "classification")
+    la = A.AuthorsScaLLA(
+        model, A.authors_surrogate(model, 2, train.tensors[0][:5]), "classification"
+    )
     seen = []
     original = la.kernel_loss
 
@@ -264,6 +269,7 @@ def test_sampler_covers_each_item_once_per_epoch_and_context_likewise():
     assert len(seen) == 6 and all(n == 5 and len(ids) == 10 for ids, n in seen)
     train_ids = [ids[:5] for ids, _ in seen]
     ctx_ids = [ids[5:] for ids, _ in seen]
+
     def flat(batches):
         return [i for ids in batches for i in ids]
 
@@ -343,13 +349,19 @@ def test_ggn_posterior_and_marginal_likelihood_equal_explicit_formulas():
     cond = float(torch.linalg.cond(P))
     close(la.posterior_covariance.double(), cov, eps_tolerance(torch.float32, 40, cond))
     # their marginal likelihood: −Σ_batches mean CE − ½(log det P − M log δ + δ‖θ*‖²)
-    ce = sum(float(nn.functional.cross_entropy(f[a:a + 5], y[a:a + 5])) for a in range(0, 12, 5))
+    ce = sum(
+        float(nn.functional.cross_entropy(f[a : a + 5], y[a : a + 5])) for a in range(0, 12, 5)
+    )
     theta = torch.cat([q.detach().reshape(-1) for q in model.parameters()]).double()
     delta = 2.0
     P2 = H + delta * torch.eye(4, dtype=torch.float64)
-    expected = -ce - 0.5 * (float(torch.logdet(P2)) - 4 * math.log(delta) + delta * float(theta @ theta))
+    expected = -ce - 0.5 * (
+        float(torch.logdet(P2)) - 4 * math.log(delta) + delta * float(theta @ theta)
+    )
     got = float(la.log_marginal_likelihood(torch.tensor(delta)))
-    assert got == pytest.approx(expected, rel=eps_tolerance(torch.float32, 40, float(torch.linalg.cond(P2))))
+    assert got == pytest.approx(
+        expected, rel=eps_tolerance(torch.float32, 40, float(torch.linalg.cond(P2)))
+    )
     mean, block = la.predictive_covariance(x[:4])
     mean2, block2 = la.predictive_covariance(x[:4], full_cross=False)
     assert torch.equal(mean, mean2)
@@ -366,7 +378,9 @@ def test_scale_tril_from_precision():
     P = A_ @ A_.T + 6 * torch.eye(6, dtype=torch.float64)
     L = A._scale_tril_from_precision(P)
     assert torch.equal(L, L.tril())
-    close(L @ L.T, torch.linalg.inv(P), eps_tolerance(torch.float64, 6, float(torch.linalg.cond(P))))
+    close(
+        L @ L.T, torch.linalg.inv(P), eps_tolerance(torch.float64, 6, float(torch.linalg.cond(P)))
+    )
 
 
 def test_published_sampling_uses_the_transposed_factor():
@@ -384,7 +398,9 @@ def test_published_sampling_uses_the_transposed_factor():
     p_pub = la.predict_proba(x[:1], n_samples=n, generator=g)
     expected_pub = (mean + torch.einsum("sna,nab->snb", z, L[None])).softmax(-1).mean(0)
     close(p_pub, expected_pub, eps_tolerance(torch.float32, 2))
-    p_fix = la.predict_proba(x[:1], n_samples=n, generator=torch.Generator().manual_seed(0), as_published=False)
+    p_fix = la.predict_proba(
+        x[:1], n_samples=n, generator=torch.Generator().manual_seed(0), as_published=False
+    )
     expected_fix = (mean + z @ L.T).softmax(-1).mean(0)
     close(p_fix, expected_fix, eps_tolerance(torch.float32, 2))
     assert float((p_pub - p_fix).abs().max()) > 0.03  # var(f₁ − f₂): 9.4 against 4.0

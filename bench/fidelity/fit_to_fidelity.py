@@ -179,7 +179,9 @@ def summarize(results: list[dict], floors: dict[str, dict], machine: str) -> str
                         f"{theirs['train_seconds']:.0f} s" if t else "not reached")  # fmt: skip
             ratios = [f"{r['final_error'] / f:.1f}" if f > 0 else "— (floor 0)"
                       for f in (r["floor_M"], r["floor_total"])]  # fmt: skip
-            name = r["method"] + (f" (gate resolved: {r['settings']['gate']})" if "settings" in r else "")
+            name = r["method"] + (
+                f" (gate resolved: {r['settings']['gate']})" if "settings" in r else ""
+            )
             lines.append(
                 f"| {name} | {when} | {r['iterations']:,} | "
                 f"{r['seconds_per_step'] * 1e3:.1f} | {r['n_features']} ({r['n_features_total']}) | "
@@ -223,9 +225,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "fit_to_fidelity"))
     p.add_argument("--plot", action="store_true")
-    p.add_argument("--quick", action="store_true",
-                   help="2 s per authors run, 5 fastlla steps, 10 probes, one-epoch wide MAP: "
-                        "a check of the harness, not a measurement")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 s per authors run, 5 fastlla steps, 10 probes, one-epoch wide MAP: "
+        "a check of the harness, not a measurement",
+    )
     args = p.parse_args(argv)
     n_probe, iterations = None, "auto"
     if args.quick:

@@ -164,7 +164,9 @@ def _rng_devices(module: nn.Module) -> list[int]:
     return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
 
 
-def authors_surrogate(model: nn.Module, n_features: int, x: Tensor, seed: int = 0) -> AuthorsSurrogate:
+def authors_surrogate(
+    model: nn.Module, n_features: int, x: Tensor, seed: int = 0
+) -> AuthorsSurrogate:
     """Their surrogate for ``model``: a fresh copy of its architecture, the output layer replaced
     by ``Linear(h, n_features·C)``, output ``× √(P/M)`` (``P``: all of ``model``'s parameters).
 
@@ -203,7 +205,9 @@ def authors_surrogate(model: nn.Module, n_features: int, x: Tensor, seed: int = 
     old: nn.Linear = body.get_submodule(head.output_layer)
     new = nn.Linear(old.in_features, int(n_features) * C, device="meta", dtype=old.weight.dtype)
     parent, _, attr = head.output_layer.rpartition(".")
-    setattr(body.get_submodule(parent) if parent else body, attr, new.to_empty(device=old.weight.device))
+    setattr(
+        body.get_submodule(parent) if parent else body, attr, new.to_empty(device=old.weight.device)
+    )
     # Draw every module's init in registration order, the new layer in its place: the draws
     # their hand-written ConvHead makes when constructed after torch.manual_seed(seed).
     with torch.random.fork_rng(devices=_rng_devices(model)):
@@ -356,7 +360,9 @@ class AuthorsScaLLA:
             optimizer = torch.optim.Adam(self.feature_model.parameters(),
                                          lr=1e-4 if lr is None else lr)  # fmt: skip
             train_iter = iter(train_loader)
-            context_iter = iter(context_points_loader) if context_points_loader is not None else None
+            context_iter = (
+                iter(context_points_loader) if context_points_loader is not None else None
+            )
             for _ in range(iterations):
                 try:
                     x, _y = next(train_iter)
@@ -532,7 +538,12 @@ class AuthorsScaLLA:
     def log_likelihood(self) -> Tensor:
         factor = -self._H_factor
         if self.likelihood == "regression":
-            c = 0.5 * self.num_train * self.n_outputs * torch.log(2 * torch.pi * self.sigma_noise**2)
+            c = (
+                0.5
+                * self.num_train
+                * self.n_outputs
+                * torch.log(2 * torch.pi * self.sigma_noise**2)
+            )
             return factor * self.loss - c
         return factor * self.loss
 
@@ -618,7 +629,9 @@ def published_entropy(probs: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- benchmark driver
 
 
-def authors_loader(x: Tensor, y: Tensor | None = None, batch_size: int = 5, seed: int = 0) -> DataLoader:
+def authors_loader(
+    x: Tensor, y: Tensor | None = None, batch_size: int = 5, seed: int = 0
+) -> DataLoader:
     """Their training loader: ``DataLoader(..., batch_size=5, shuffle=True)`` (a permutation per
     epoch, no replacement), shuffled by a private generator seeded with ``seed``."""
     y = torch.zeros(x.shape[0], dtype=torch.long) if y is None else y
@@ -643,7 +656,9 @@ def authors_fit(model: nn.Module, x_train: Tensor, probe: Any, seconds: float,
     surrogate = authors_surrogate(model, n_features, x_train[:batch_size], seed=seed)
     la = AuthorsScaLLA(model, surrogate, "classification", seed=seed)
     train = authors_loader(x_train, y_train, batch_size, seed)
-    context = authors_loader(x_context, None, batch_size, seed + 1) if x_context is not None else None
+    context = (
+        authors_loader(x_context, None, batch_size, seed + 1) if x_context is not None else None
+    )
     pending = sorted(checkpoints or [seconds * f for f in (0.01, 0.03, 0.1, 0.3, 0.6, 1.0)])
     points: list[dict[str, float]] = []
 
