@@ -15,7 +15,15 @@ Networks: ``cnn`` — the digits CNN of every other fidelity run (``DigitsCNN``,
 cached MAP of ``bench/fidelity/map_cnn_seed0.pt``), 200 probes; ``wide`` — ``DigitsCNN`` with
 channels (32, 64) and 128 hidden units (P = 53,002), MAP trained by ``train_map`` and cached as
 ``bench/fidelity/map_cnn_wide_seed0.pt``, 100 probes (its exact probe Gram needs the probes'
-full Jacobians, 0.4 GiB in float64).
+full Jacobians, 0.4 GiB in float64); ``ood`` — ``DigitsCNN`` on digits 0–4
+(:func:`fastlla.apps.data.load_digits_ood`, P = 11,237, cached as
+``bench/fidelity/map_cnn_ood_seed0.pt``), 200 probes, digits 5–9 of the test split as OOD inputs.
+
+Quality at equal fit time (``ood`` only, the network with OOD inputs): test NLL, accuracy, ECE
+and OOD AUROC (predictive entropy; Gaussian logit entropy ``½ log det Σ``) of each fitted method,
+both at prior precision ``δ = 1`` (fastlla's default and their FMNIST run's, which does not tune
+it). fastlla: its default probit predictive; the authors: their evaluation (2048 Monte-Carlo
+samples ``f + Lᵀz``, the entropy of the averaged probabilities).
 
 Error: ``‖ΦΦᵀ − κ‖_F / ‖κ‖_F`` on the probes (first test images; ``κ`` from explicit Jacobians,
 :class:`fastlla.apps.fidelity.ProbeGram`), evaluated at checkpoints of training time, evaluation
@@ -60,6 +68,7 @@ from authors import authors_fit
 NETWORKS: dict[str, dict[str, Any]] = {
     "cnn": {"channels": (16, 32), "hidden": 48, "n_probe": 200},
     "wide": {"channels": (32, 64), "hidden": 128, "n_probe": 100},
+    "ood": {"channels": (16, 32), "hidden": 48, "n_probe": 200, "classes": 5},
 }
 METHODS = ("fastlla", "fastlla-nogate", "authors")
 FLOOR_RANKS = (10, 25, 50, 100, 200, 300, 500, 1000)
@@ -72,11 +81,12 @@ def network(name: str, seed: int = 0, quick: bool = False, n_probe: int | None =
     n_probe = n_probe or spec["n_probe"]
     if name == "cnn":
         return cnn_setup(n_probe=n_probe, seed=seed)
-    from fastlla.apps.data import load_digits_split
+    from fastlla.apps.data import load_digits_ood, load_digits_split
 
-    ds = load_digits_split(seed)
+    n_classes = spec.get("classes", 10)
+    ds = load_digits_ood(seed) if name == "ood" else load_digits_split(seed)
     torch.manual_seed(seed)
-    model = DigitsCNN(10, channels=spec["channels"], hidden=spec["hidden"])
+    model = DigitsCNN(n_classes, channels=spec["channels"], hidden=spec["hidden"])
     path = HERE / f"map_cnn_{name}_seed{seed}.pt"
     if path.exists() and not quick:
         model.load_state_dict(torch.load(path))
@@ -127,16 +137,39 @@ def run_fastlla(model, ds, probe: ProbeGram, seconds: float, n_features: int, se
     per_step = statistics.median(b - a for a, b in zip(h[1:], h[2:])) if len(h) > 2 else h[-1]
     return {"iterations": len(h), "train_seconds": h[-1], "seconds_per_step": per_step,
             "n_features_total": la.n_features, "curve": curve.points,
-            "final_error": curve.final, "settings": la.settings.as_dict()}  # fmt: skip
+            "final_error": curve.final, "settings": la.settings.as_dict(),
+            "estimator": la}  # fmt: skip
 
 
 def run_authors(model, ds, probe: ProbeGram, seconds: float, n_features: int, seed: int,
                 points: int) -> dict[str, Any]:  # fmt: skip
     out = authors_fit(model, ds.x_train, probe, seconds, y_train=ds.y_train,
                       n_features=n_features, seed=seed,
-                      checkpoints=checkpoints(seconds, points))  # fmt: skip
+                      checkpoints=checkpoints(seconds, points), return_estimator=True)  # fmt: skip
     out["train_seconds"] = out["curve"][-1]["seconds"]
     return out
+
+
+def quality(method: str, la, ds) -> dict[str, float]:
+    """Test NLL, accuracy, ECE and OOD AUROCs of a fitted estimator (``ds.x_ood`` the OOD
+    inputs): fastlla with its probit predictive, the authors' with their evaluation."""
+    from fastlla import metrics
+    from fastlla.predictive import gaussian_logit_entropy, predictive_entropy, probit
+
+    def predict(x):
+        if method == "authors":
+            return la.predict_proba(x), la.predictive_covariance(x, full_cross=False)[1]
+        mean, cov = la.predictive_distribution(x)
+        return probit(mean, cov), cov
+
+    with torch.no_grad():
+        p_in, cov_in = predict(ds.x_test)
+        p_out, cov_out = predict(ds.x_ood)
+    entropy = metrics.auroc(predictive_entropy(p_in), predictive_entropy(p_out))
+    logit = metrics.auroc(gaussian_logit_entropy(cov_in), gaussian_logit_entropy(cov_out))
+    return {"nll": metrics.nll(p_in, ds.y_test), "acc": metrics.accuracy(p_in, ds.y_test),
+            "ece": metrics.ece(p_in, ds.y_test), "auroc_entropy": entropy,
+            "auroc_logit": logit}  # fmt: skip
 
 
 def run(net: str, method: str, ds, model, probe, seconds, n_features, seed, points,
@@ -152,6 +185,9 @@ def run(net: str, method: str, ds, model, probe, seconds, n_features, seed, poin
         "n_params": sum(p.numel() for p in model.parameters()),
         "floor_M": probe.floor(n_features), "floor_total": probe.floor(r["n_features_total"]),
     })  # fmt: skip
+    la = r.pop("estimator")
+    if getattr(ds, "x_ood", None) is not None:
+        r["quality"] = quality(method, la, ds)
     return r
 
 
@@ -187,6 +223,20 @@ def summarize(results: list[dict], floors: dict[str, dict], machine: str) -> str
                 f"{r['seconds_per_step'] * 1e3:.1f} | {r['n_features']} ({r['n_features_total']}) | "
                 f"{r['final_error']:.4f} | {ratios[0]} | {ratios[1]} |"
             )
+        if any("quality" in r for r in rows):
+            lines += [
+                "",
+                f"Quality at equal fit time (δ = 1, {net} test split; OOD: held-out digits):",
+                "",
+                "| method | NLL | accuracy | ECE | OOD AUROC (entropy) | OOD AUROC (½ log det Σ) |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+            for r in rows:
+                q = r["quality"]
+                lines.append(
+                    f"| {r['method']} | {q['nll']:.4f} | {q['acc']:.4f} | {q['ece']:.4f} | "
+                    f"{q['auroc_entropy']:.4f} | {q['auroc_logit']:.4f} |"
+                )
         lines += ["", "Eckart–Young floors: " + ", ".join(
             f"M={k}: {v:.4f}" for k, v in fl["floors"].items()), ""]  # fmt: skip
     return "\n".join(lines)
@@ -217,7 +267,7 @@ def plot(results: list[dict], floors: dict[str, dict], out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=120.0, help="training seconds per method")
-    p.add_argument("--networks", default="cnn,wide")
+    p.add_argument("--networks", default="cnn,wide,ood")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--n-features", type=int, default=100)
     p.add_argument("--points", type=int, default=16, help="evaluations per run")

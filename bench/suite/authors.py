@@ -644,14 +644,15 @@ def authors_fit(model: nn.Module, x_train: Tensor, probe: Any, seconds: float,
                 batch_size: int = 5, lr: float = 5e-5, checkpoints: list[float] | None = None,
                 max_iterations: int = 10**9, log: Callable[[str], None] | None = None,
                 x_context: Tensor | None = None, zero_crossed_variances: bool = False,
-                ) -> dict[str, Any]:  # fmt: skip
+                return_estimator: bool = False) -> dict[str, Any]:  # fmt: skip
     """Their kernel matching, with the settings of their FMNIST run (:data:`PUBLISHED_FMNIST`),
     for ``seconds`` of training wall-clock; the held-out kernel error ``probe.error(Φ)`` (a
     :class:`fastlla.apps.fidelity.ProbeGram`) at the ``checkpoints`` (seconds; evaluation time
     excluded). ``x_context``: their context loader (same batch size) on these inputs.
 
     Returns ``{"curve": [{"step", "seconds", "error"}...], "iterations", "seconds_per_step",
-    "final_error", "n_features_total"}``.
+    "final_error", "n_features_total"}`` (and ``"estimator"``, the fitted
+    :class:`AuthorsScaLLA`, with ``return_estimator``).
     """
     surrogate = authors_surrogate(model, n_features, x_train[:batch_size], seed=seed)
     la = AuthorsScaLLA(model, surrogate, "classification", seed=seed)
@@ -683,6 +684,9 @@ def authors_fit(model: nn.Module, x_train: Tensor, probe: Any, seconds: float,
            optimize_hyper_parameters=False, callback=callback, time_budget=seconds)  # fmt: skip
     if points[-1]["step"] != la.steps:
         evaluate(la.steps, la.train_seconds)
-    return {"curve": points, "iterations": la.steps,
-            "seconds_per_step": la.train_seconds / max(la.steps, 1),
-            "final_error": points[-1]["error"], "n_features_total": n_features}  # fmt: skip
+    out = {"curve": points, "iterations": la.steps,
+           "seconds_per_step": la.train_seconds / max(la.steps, 1),
+           "final_error": points[-1]["error"], "n_features_total": n_features}  # fmt: skip
+    if return_estimator:
+        out["estimator"] = la
+    return out
