@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -280,17 +281,30 @@ def test_sampler_covers_each_item_once_per_epoch_and_context_likewise():
     assert flat(train_ids[:3]) != flat(train_ids[3:])  # a fresh permutation per epoch
 
 
-def test_unequal_batches_split_at_the_training_batch():
-    """Deviation 3: a last, shorter training batch is split at its own size."""
+def test_unequal_batches_split_as_theirs_with_a_warning_or_at_the_training_batch():
+    """Theirs (default): half the concatenated batch, a warning where the training batch is
+    shorter; deviation 3 (``split_at_train_batch``): the training batch's size."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
-    la = A.AuthorsScaLLA(model, A.authors_surrogate(model, 2, torch.randn(2, 3)), "classification")
-    splits = []
-    original = la.kernel_loss
-    la.kernel_loss = lambda x, n, z, wd: (splits.append((x.shape[0], n)), original(x, n, z, wd))[1]
-    la.fit(2, DataLoader(indexed(7), batch_size=5), DataLoader(indexed(10), batch_size=5),
-           zero_crossed_variances=True, optimize_hyper_parameters=False)  # fmt: skip
-    assert splits == [(10, 5), (7, 2)]
+    for option, expected in ((False, [(10, 5), (7, 3)]), (True, [(10, 5), (7, 2)])):
+        g = A.authors_surrogate(model, 2, torch.randn(2, 3))
+        la = A.AuthorsScaLLA(model, g, "classification")
+        splits = []
+        original = la.kernel_loss
+
+        def spy(x, n, z, wd, splits=splits, original=original):
+            splits.append((x.shape[0], n))
+            return original(x, n, z, wd)
+
+        la.kernel_loss = spy
+        loaders = (DataLoader(indexed(7), batch_size=5), DataLoader(indexed(10), batch_size=5))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            la.fit(2, *loaders, zero_crossed_variances=True, optimize_hyper_parameters=False,
+                   split_at_train_batch=option)  # fmt: skip
+        assert splits == expected
+        messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+        assert any("at 3 rows" in m and "has 2" in m for m in messages) != option
 
 
 def test_fit_trains_the_surrogate_and_changes_no_global_state():

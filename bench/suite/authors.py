@@ -53,8 +53,8 @@ ScaLLA, cross blocks zeroed     0.9099  0.2530  0.0084  0.821 / 0.983
 last-layer LLA (kron)           0.9092  0.2714  0.0239  0.842 / 0.993
 ==============================  ======  ======  ======  ==========================
 
-Deviations (none changes what is computed; each is listed with its reason)
--------------------------------------------------------------------------
+Deviations (none in the defaults changes what is computed; each with its reason)
+--------------------------------------------------------------------------------
 1. **Private RNG.** Their tangents draw from the global torch RNG and their surrogate is
    initialised from it. Here tangents come from the estimator's own generator (seeded with
    ``seed``, on the network's device) and :func:`authors_surrogate` initialises inside a fork of
@@ -64,9 +64,12 @@ Deviations (none changes what is computed; each is listed with its reason)
    ``requires_grad = True`` on every parameter for good. Here the network is put in eval mode
    for each call and restored afterwards, and the JVP uses detached dual parameters (forward-mode
    AD needs no ``requires_grad``): the same values, no lasting change.
-3. **The training/context split point.** They zero the cross blocks at ``B = len(batch) // 2``,
-   right only when the two batches have equal size (always so in their runs: 60,000 / 5). Here
-   the split is the training batch's own size, identical in their setting and correct otherwise.
+3. **The training/context split point, an option.** They zero the cross blocks at
+   ``B = len(batch) // 2``, right only when the two batches have equal size (always so in their
+   runs: 60,000 / 5; not for a training set whose size is no multiple of 5, whose last batch per
+   epoch is shorter). That stays the default, with a ``RuntimeWarning`` on each step where the
+   sizes differ (the zeroed blocks are then not the training×context blocks);
+   ``split_at_train_batch=True`` splits at the training batch's own size instead.
 4. **Surrogate construction for any network.** Their ``ConvHead`` is written by hand for their
    CNN. :func:`authors_surrogate` builds the same thing for a given network: a deep copy, every
    module re-initialised with its own ``reset_parameters`` (an error if some parameter has none),
@@ -81,6 +84,13 @@ Deviations (none changes what is computed; each is listed with its reason)
    as_published=False)`` samples ``f + L z`` instead of their metric's ``f + Lᵀ z`` (their
    einsum ``"sna,nab->snb"`` multiplies by the transpose of the Cholesky factor, so the samples'
    covariance is ``LᵀL``, not ``LLᵀ = Σ``; same trace and eigenvalues, other marginals).
+
+Checked against their code: with their ``src.py`` loop, JVP, GGN pass and ``forward`` run
+side by side (a local copy, not in this repository; same surrogate, same loaders, their global
+RNG seeded as our generator), 500 steps on the digits CNN (1,077 training images, so short last
+batches; 200 context images) give bitwise-identical losses, surrogate weights, ``H`` and
+``N×N×C×C`` predictive covariance — without context, with context, and with the cross blocks
+zeroed.
 
 Reproduced as written, though questionable (not deviations, so flagged here):
 ``H`` is accumulated with the surrogate in train mode (batch-norm statistics, dropout active if
@@ -324,7 +334,7 @@ class AuthorsScaLLA:
     def kernel_loss(self, x: Tensor, n_train: int | None, zero_crossed_variances: bool,
                     weight_decay: float | None) -> Tensor:  # fmt: skip
         """One step's loss on the (concatenated) batch ``x``: ``mean((K − Q)²)`` over the
-        materialised ``B×B×C×C`` tensors (``n_train``: the training rows, for the zeroing)."""
+        materialised ``B×B×C×C`` tensors (``n_train``: where the zeroed blocks split)."""
         J = self._true_jacobian(x)
         phi = self.feature_model(x)
         K = torch.einsum("ia,jb->ijab", J, J)
@@ -342,8 +352,13 @@ class AuthorsScaLLA:
     def kernel_steps(self, iterations: int, train_loader: Iterable,
                      context_points_loader: Iterable | None = None,
                      zero_crossed_variances: bool = False, weight_decay: float | None = None,
-                     lr: float | None = None) -> Iterator[float]:  # fmt: skip
-        """Their kernel-matching loop, one yielded loss per step (the caller may stop early)."""
+                     lr: float | None = None,
+                     split_at_train_batch: bool = False) -> Iterator[float]:  # fmt: skip
+        """Their kernel-matching loop, one yielded loss per step (the caller may stop early).
+
+        With context, the zeroed blocks split at half the concatenated batch (theirs; a
+        ``RuntimeWarning`` where that is not the training batch's size) or, with
+        ``split_at_train_batch``, at the training batch's size (deviation 3)."""
         data = next(iter(train_loader))  # their shape pass (it also starts an epoch's shuffle)
         X = data[0].to(self.device).to(self.dtype)
         self.num_train = len(train_loader.dataset)  # type: ignore[attr-defined]
@@ -377,8 +392,16 @@ class AuthorsScaLLA:
                     except StopIteration:
                         context_iter = iter(context_points_loader)  # type: ignore[arg-type]
                         xc, _yc = next(context_iter)
-                    n_train = x.shape[0]
+                    rows = x.shape[0]
                     x = torch.cat([x, xc.to(self.device).to(self.dtype)], dim=0)
+                    n_train = rows if split_at_train_batch else x.shape[0] // 2
+                    if zero_crossed_variances and n_train != rows:
+                        warnings.warn(
+                            f"authors' ScaLLA: zeroing the cross blocks at {n_train} rows (half "
+                            f"the batch, as theirs) but the training batch has {rows}; "
+                            "split_at_train_batch=True splits there", RuntimeWarning,
+                            stacklevel=2,
+                        )  # fmt: skip
                 loss = self.kernel_loss(x, n_train, zero_crossed_variances, weight_decay)
                 optimizer.zero_grad()
                 loss.backward()
@@ -392,20 +415,23 @@ class AuthorsScaLLA:
             weight_decay: float | None = None, lr: float | None = None,
             optimize_hyper_parameters: bool = True, prior_opt_lr: float = 1e-3,
             prior_opt_iterations: int = 100, callback: Callable[[int, float], None] | None = None,
-            callback_every: int = 1, time_budget: float | None = None) -> tuple[list, list]:  # fmt: skip
+            callback_every: int = 1, time_budget: float | None = None,
+            split_at_train_batch: bool = False) -> tuple[list, list]:  # fmt: skip
         """Kernel matching (``iterations`` steps), the GGN pass, optional hyper-parameters.
 
         Their arguments and defaults; harness additions: ``callback(step, seconds)`` every
         ``callback_every`` steps and after the last, ``seconds`` being the training wall-clock so
         far with the callbacks' own time excluded; ``time_budget`` stops kernel matching once
-        that many training seconds have passed. Returns ``(losses, [])`` as theirs does (their
+        that many training seconds have passed; ``split_at_train_batch``: see
+        :meth:`kernel_steps`. Returns ``(losses, [])`` as theirs does (their
         second list, ``losses_exact``, is always empty). Also sets ``self.train_seconds`` and
         ``self.steps``.
         """
         losses: list[float] = []
         trained, step = 0.0, 0
         steps = self.kernel_steps(iterations, train_loader, context_points_loader,
-                                  zero_crossed_variances, weight_decay, lr)  # fmt: skip
+                                  zero_crossed_variances, weight_decay, lr,
+                                  split_at_train_batch)  # fmt: skip
         t0 = time.perf_counter()
         for loss in steps:
             losses.append(loss)
