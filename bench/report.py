@@ -484,9 +484,12 @@ def write_report(raw: Path, out_md: Path, ops_source: Path | None = None) -> Pat
             "Held-out kernel error on the first 200 digits test images (exact NTK Gram, "
             f"tr κ/‖κ‖_F = {floor.get('trace_ratio', float('nan')):.2f}) versus training "
             "wall-clock (evaluation excluded), digits CNN, M = 100. (a) `ScaLLA` with its "
-            "defaults (iterations sized to fill the budget); (b) the authors' loop: S = 1 "
-            "Rademacher projection, batch 5, materialised B×B×C×C loss, Adam lr 5e-5 constant, "
-            "same surrogate architecture and seeds. Eckart–Young floors: " + floors + ".",
+            "defaults (iterations sized to fill the budget); (b) the authors' ScaLLA "
+            "(`bench/suite/authors.py`, a faithful re-implementation: a freshly initialised copy "
+            "of the network with its output layer replaced by Linear(h, M·C), × √(P/M), no "
+            "calibration; shuffled batches of 5; one Rademacher projection per step; the "
+            "materialised B×B×C×C loss; Adam lr 5e-5 constant). Eckart–Young floors: "
+            + floors + ".",
             "",
             fidelity_table(fid),
             "",

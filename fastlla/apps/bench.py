@@ -5,7 +5,8 @@ Runs, each in its own pytest process (pytest-benchmark, raw JSON kept), within a
 1. ``params``   — scaling in parameters (MLPs P = 10³…10⁷ and the digits CNN), every method;
 2. ``params-no-native`` — the same ScaLLA cases with ``FASTLLA_DISABLE_NATIVE=1`` (read at import,
    hence a separate process): the pure-PyTorch reference ops;
-3. ``fidelity`` — held-out kernel error versus wall-clock, fastlla defaults vs the authors' loop;
+3. ``fidelity`` — held-out kernel error versus wall-clock, fastlla defaults vs the authors' ScaLLA
+   (``bench/suite/authors.py``, a faithful re-implementation);
 4. ``data`` and ``features`` — fit time and memory versus N and versus M;
 
 then gathers the op micro-benchmarks (``bench/bench_ops.py``'s latest results file, or a short
