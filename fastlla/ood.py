@@ -62,7 +62,7 @@ KINDS = (
     "logdet_ratio",
 )
 #: the kind ``ood_score`` uses by default (the evidence: ``docs/ood.md``)
-DEFAULT_KIND = "variance_ratio"
+DEFAULT_KIND = "entropy"
 
 _CLASS_KINDS = {"entropy", "max_probability", "mutual_information", "logdet_softmax"}
 _PRIOR_KINDS = {"variance_ratio", "logdet_ratio"}
