@@ -143,7 +143,7 @@ def ood_scores(
     if batch_size(x) == 0:
         return {k: torch.empty(0, dtype=la.dtype, device=la.device) for k in kinds}
     f, features = la._outputs_and_features(x)
-    la._check_outputs(f, n_outputs=la.n_outputs)
+    la._check_outputs(f, n_outputs=la._expected_outputs(False))
     delta = la._delta()
     cov = la._covariance_from_features(features, delta, la.data_scale)
     prior = None

@@ -194,3 +194,36 @@ def test_no_global_rng_use():
     before = g.get_state()
     fastlla.ood_score(la, x_test, "mutual_information", generator=g)
     assert not torch.equal(before, g.get_state())  # a given generator is the one drawn from
+
+
+class _RewardNet(nn.Module):
+    """``(B, 2, d)`` pairs → ``(B, 2)``, ``(B, d)`` → ``(B, 1)`` (laplace-torch's convention)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.f = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(DTYPE)
+        with torch.no_grad():
+            for p in self.f.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=DTYPE))
+
+    def forward(self, x):
+        return self.f(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], 2) if x.dim() == 3 else self.f(x)
+
+
+def test_reward_model_scores_are_the_reward_regression_s():
+    g = torch.Generator().manual_seed(0)
+    Xp, yp = torch.randn(20, 2, 3, generator=g, dtype=DTYPE), torch.randint(0, 2, (20,), generator=g)
+    model = _RewardNet()
+    la = fastlla.ExactLLA(model, "reward_modeling", prior_precision=0.5)
+    la.fit(DataLoader(TensorDataset(Xp, yp), batch_size=5))
+    x = torch.randn(4, 3, generator=g, dtype=DTYPE)
+    _, var = la(x)  # the reward's variance (B, 1, 1)
+    J = oracle_jacobian(model, x)  # (B, 1, P)
+    got = ood_scores(la, x, ("logdet", "variance_ratio"))
+    tol = eps_tolerance(DTYPE, la.n_params, 1e3)
+    assert torch.allclose(got["logdet"], 0.5 * var[:, 0, 0].log(), rtol=tol, atol=tol)
+    prior = (J @ J.mT)[:, 0, 0] / 0.5
+    assert torch.allclose(got["variance_ratio"], var[:, 0, 0] / prior, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="need class probabilities"):
+        fastlla.ood_score(la, x, "entropy")
