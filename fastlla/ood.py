@@ -14,8 +14,9 @@ distribution*, so it feeds :func:`fastlla.metrics.auroc` as it is. The kinds (``
 ``"logdet"``
     ``½ log det Σ(x)``: the differential entropy of the logit Gaussian up to a constant (the
     paper's score). Includes the direction ``1`` (a shift of every logit), which the softmax
-    cannot see and the data never constrain: there ``Σ(x)`` is the prior's, ``‖J(x)‖``-sized
-    variance (``docs/ood.md``).
+    cannot see and the softmax GGN does not constrain (for a network whose output layer has a
+    bias, ``Σ(x)`` keeps the prior's variance there), and scales with ``‖J(x)‖²``: on ReLU
+    networks it can rank unfamiliar inputs *below* the data (``docs/ood.md``).
 ``"logdet_softmax"``
     ``½ log det(QᵀΣ(x)Q)``, ``Q`` an orthonormal basis of the ``C − 1`` directions orthogonal to
     ``1``: the entropy of the centred logits ``f − mean_c f_c``, all the softmax sees. Needs
@@ -123,8 +124,8 @@ def ood_scores(
     seed: int = 0,
 ) -> dict[str, Tensor]:
     """:func:`ood_score` for several ``kinds`` from one pass over ``x`` (one network pass,
-    one set of features or Jacobians): ``{kind: scores (B,)}``. Kinds that need classes are
-    refused on a regression predictive (classification kinds are all there is not)."""
+    one set of features or Jacobians): ``{kind: scores (B,)}``. Arguments and errors as
+    :func:`ood_score`."""
     if not isinstance(la, LaplaceBase):
         raise TypeError(
             f"fastlla: ood_score needs a fastlla ExactLLA or ScaLLA, got {type(la).__name__}"
