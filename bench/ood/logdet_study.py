@@ -168,7 +168,7 @@ def study_split(in_classes, log, full=True) -> dict:
     # N: posteriors from the first n training inputs of a seeded permutation (same MAP)
     perm = torch.randperm(len(ds.x_train), generator=torch.Generator().manual_seed(SEED))
     out["N_grid"] = {}
-    for n in (25, 100, len(ds.x_train)):
+    for n in (25, 100, 300, len(ds.x_train)):
         rows = (perm[:n, None] * C + torch.arange(C)).reshape(-1)
         kn = kp if n == len(ds.x_train) else KernelPredictive(jhat, rows)
         for d in data.values():
