@@ -174,10 +174,10 @@ def format_tables(out: dict, metric: str = "auroc") -> str:
              "logdet_ratio": "logdet ratio"}  # fmt: skip
     for ood in ("near", "letters", "far"):
         lines.append(f"\n{metric.upper()}, OOD = {ood}")
-        lines.append(f"{'method':34s}" + "".join(f"{short[k]:>13s}" for k in kinds))
+        lines.append(f"{'method':40s}" + "".join(f"{short[k]:>13s}" for k in kinds))
         for method, res in out["methods"].items():
             cells = [res[ood][k][metric] if k in res[ood] else None for k in kinds]
-            lines.append(f"{method:34s}" + "".join(
+            lines.append(f"{method:40s}" + "".join(
                 f"{'-':>13s}" if c is None else f"{c:13.3f}" for c in cells))  # fmt: skip
     return "\n".join(lines)
 
