@@ -10,6 +10,7 @@ from .exact import ExactLLA
 from .export import Predictor
 from .factory import Laplace
 from .laplace import ModelChangedError, NotFittedError
+from .ood import ood_score
 from .posterior import NotPositiveDefiniteError
 from .predictive import Likelihood
 from .scalla import ScaLLA
@@ -19,6 +20,7 @@ __all__ = [
     "ScaLLA",
     "Laplace",
     "Predictor",
+    "ood_score",
     "Likelihood",
     "NotFittedError",
     "ModelChangedError",

@@ -65,6 +65,23 @@ class JacobianPredictive:
         V = V.reshape(NC, B, C).permute(1, 0, 2)
         return (kxx - data_scale * (V.mT @ V)) / prior_precision
 
+    def _prior_covariance_from_features(
+        self, features: Any, prior_precision: float | Tensor
+    ) -> Tensor:
+        """``J(x) D⁻¹ J(x)ᵀ`` (B, C, C): the predictive covariance under the prior alone, from
+        :meth:`_features` (``D = δI`` or the diagonal ``prior_precision``)."""
+        if self.posterior is not None:  # weight space: Φ = Jᵀ (B, P, C)
+            J = features.mT
+        elif features[0] is not None:
+            J = features[0]
+        elif isinstance(prior_precision, Tensor):
+            raise RuntimeError("fastlla: these features were computed for a scalar prior")
+        else:
+            return features[1] / prior_precision  # J*J*ᵀ / δ
+        if isinstance(prior_precision, Tensor):
+            return (J / prior_precision.to(J.dtype)) @ J.mT
+        return (J @ J.mT) / prior_precision
+
     def _diagonal_factor(self, delta: Tensor, scale: float) -> Tensor:
         """Cholesky factor of ``sG + D`` (weight space) or ``I + s ĴD⁻¹Ĵᵀ`` (function space)."""
         cached = self._diag_chol

@@ -117,6 +117,17 @@ class FeaturePredictive:
             )
         return cov
 
+    def _prior_covariance_from_features(
+        self, features: PredictiveFeatures, prior_precision: float
+    ) -> Tensor:
+        """``g(x)ᵀg(x)/δ`` (B, C, C), plus ``r(x)/δ`` when the residual variance is on: the
+        predictive covariance under the prior ``w ~ N(0, I/δ)`` alone."""
+        phi = self._dense_features(features)
+        cov = phi.mT @ phi
+        if features.residual is not None:
+            cov = cov + features.residual.to(cov.dtype)
+        return cov / prior_precision
+
     @property
     def n_params(self) -> int:
         """``M``: the posterior is over the weights ``w`` of ``f(x) + g(x)ᵀw`` (the surrogate's

@@ -63,7 +63,7 @@ def test_public_api_is_listed_in_all():
     exec("from fastlla import *", namespace)
     exported = set(namespace) - {"__builtins__"}
     assert exported == set(fastlla.__all__) == {
-        "ExactLLA", "ScaLLA", "Laplace", "Predictor", "Likelihood", "NotFittedError",
+        "ExactLLA", "ScaLLA", "Laplace", "Predictor", "Likelihood", "ood_score", "NotFittedError",
         "ModelChangedError", "NotPositiveDefiniteError", "DistributedMismatchError",
     }  # fmt: skip
     from fastlla.export import Predictor

@@ -1,0 +1,202 @@
+"""Offline OOD benchmark: digits in distribution; near, glyph and far OOD; context recipes.
+
+    OMP_NUM_THREADS=1 python -m fastlla.apps.ood_bench [--iterations 300] [--out FILE.json]
+
+In distribution: the demo's split (sklearn digits, train classes 0–4, test images of 0–4) and
+its ``DigitsCNN`` MAP (seed 0). Three OOD test sets, none of them a context set or the
+training data:
+
+* ``near``: the test images of the held-out digits 5–9;
+* ``letters``: Latin letters rendered at 8×8 from matplotlib's fonts
+  (:func:`fastlla.apps.glyphs.render_glyphs`, letters that look like digits left out);
+* ``far``: corruptions of the in-distribution *test* images unlike every context recipe —
+  Gaussian noise of standard deviation 0.5 (clipped to ``[0, 1]``) and the image's four 4×4
+  quadrants rotated one place.
+
+Context recipes (inputs a ScaLLA surrogate is taught to treat as unlike the data, issue 17
+part 3), each of ``N = 540`` images:
+
+* ``corrupted``: transformed *training* images (``load_digits_ood``'s default: pixel
+  permutation, inversion, uniform noise, two-class mixtures);
+* ``symbols``: an auxiliary set, printable symbols (``# $ % & @ + = ...``) from the same fonts,
+  repeated with one-pixel shifts to ``N``;
+* ``feature outliers``: the ``N`` inputs of a pool (``corrupted`` recipes drawn 4N times)
+  whose penultimate features ``φ(x)`` lie farthest from the training features (Mahalanobis
+  distance under the training features' mean and covariance).
+
+Methods: MAP (softmax), ExactLLA (float64; ``δ`` by marginal likelihood — the default workflow —
+and by validation NLL), ScaLLA without context and with each recipe (``--iterations``
+kernel-matching steps, seed 0) at ExactLLA's validation ``δ`` and at their own marglik ``δ``.
+Each row reports, per OOD set and :mod:`fastlla.ood` score kind, the AUROC and the FPR at
+95% TPR (OOD the positive class: the share of in-distribution test images flagged when 95% of
+the OOD images are), from ``sklearn.metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+from torch.utils.data import DataLoader, TensorDataset
+
+from fastlla.exact import ExactLLA
+from fastlla.ood import KINDS, ood_scores
+from fastlla.scalla import ScaLLA
+
+from .data import load_digits_ood
+from .glyphs import LETTERS, SYMBOLS, render_glyphs
+from .models import DigitsCNN, keeps_global_rng, train_map
+
+__all__ = ["fpr_at_tpr", "far_ood", "symbol_context", "feature_outlier_context", "run"]
+
+
+def fpr_at_tpr(scores_in, scores_out, tpr: float = 0.95) -> float:
+    """The share of in-distribution inputs scored at or above the lowest threshold that flags
+    ``tpr`` of the OOD inputs (OOD the positive class, higher score = more OOD)."""
+    y = np.r_[np.zeros(len(scores_in)), np.ones(len(scores_out))]
+    s = np.r_[np.asarray(scores_in, dtype=np.float64), np.asarray(scores_out, dtype=np.float64)]
+    fpr, tprs, _ = roc_curve(y, s)
+    return float(fpr[np.searchsorted(tprs, tpr, side="left")])
+
+
+def _metrics(s_in, s_out) -> dict[str, float]:
+    s_in, s_out = s_in.double().cpu().numpy(), s_out.double().cpu().numpy()
+    y = np.r_[np.zeros(len(s_in)), np.ones(len(s_out))]
+    return {"auroc": round(float(roc_auc_score(y, np.r_[s_in, s_out])), 4),
+            "fpr95": round(fpr_at_tpr(s_in, s_out), 4)}  # fmt: skip
+
+
+def far_ood(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Corrupted copies of images ``x`` (B, 1, 8, 8): ``x + 0.5·ε`` clipped to ``[0, 1]``,
+    then ``x`` with its four 4×4 quadrants rotated one place; (2B, 1, 8, 8)."""
+    g = torch.Generator().manual_seed(seed)
+    noisy = (x + 0.5 * torch.randn(x.shape, generator=g)).clamp(0.0, 1.0)
+    q = [x[..., :4, :4], x[..., :4, 4:], x[..., 4:, 4:], x[..., 4:, :4]]  # clockwise
+    rotated = torch.cat([torch.cat([q[3], q[0]], -1), torch.cat([q[2], q[1]], -1)], -2)
+    return torch.cat([noisy, rotated])
+
+
+def symbol_context(n: int) -> torch.Tensor:
+    """``n`` symbol glyphs: :data:`~fastlla.apps.glyphs.SYMBOLS` in every bundled font, then
+    the same shifted by one pixel (right, down, left, up), cycled to ``n``."""
+    base = render_glyphs(SYMBOLS)
+    shifted = [base] + [torch.roll(base, s, dims=d) for s, d in ((1, 3), (1, 2), (-1, 3), (-1, 2))]
+    pool = torch.cat(shifted)
+    return pool[torch.arange(n) % len(pool)]
+
+
+def feature_outlier_context(
+    model, x_train: torch.Tensor, pool: torch.Tensor, n: int
+) -> torch.Tensor:
+    """The ``n`` inputs of ``pool`` whose penultimate features ``model.features(x)`` have the
+    largest Mahalanobis distance from the training features (ridge 1e-3 on the covariance)."""
+    with torch.no_grad():
+        ft, fp = model.features(x_train).double(), model.features(pool).double()
+    mu = ft.mean(0)
+    cov = torch.cov((ft - mu).mT) + 1e-3 * torch.eye(ft.shape[1], dtype=ft.dtype)
+    d = ((fp - mu) @ torch.linalg.inv(cov) * (fp - mu)).sum(-1)
+    return pool[d.argsort(descending=True)[:n]]
+
+
+def _context_loader(x: torch.Tensor, seed: int) -> DataLoader:
+    return DataLoader(TensorDataset(x), batch_size=64, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+
+def _rows(la, name, sets, kinds, n_samples=200) -> dict:
+    res = {}
+    scores = {k: ood_scores(la, x, kinds, n_samples=n_samples) for k, x in sets.items()}
+    for ood in (k for k in sets if k != "in"):
+        res[ood] = {kind: _metrics(scores["in"][kind], scores[ood][kind]) for kind in kinds}
+    return res
+
+
+@keeps_global_rng
+def run(iterations: int = 300, seed: int = 0, log=print) -> dict:
+    """The benchmark; returns ``{method: {ood set: {kind: {"auroc", "fpr95"}}}}`` and facts."""
+    t0 = time.time()
+    torch.manual_seed(seed)
+    ds = load_digits_ood(seed=seed)
+    train = ds.loader("train", 64, shuffle=True, seed=seed)
+    model = train_map(DigitsCNN(n_classes=ds.n_classes), train, seed=seed)
+    sets = {"in": ds.x_test, "near": ds.x_ood, "letters": render_glyphs(LETTERS),
+            "far": far_ood(ds.x_test, seed)}  # fmt: skip
+    N = len(ds.x_train)
+    from .data import _transformed_context
+
+    pool = torch.from_numpy(_transformed_context(ds.x_train.numpy(), ds.y_train.numpy(), 4 * N,
+                                                 seed + 1))  # fmt: skip
+    contexts = {"corrupted": ds.x_context, "symbols": symbol_context(N),
+                "feature outliers": feature_outlier_context(model, ds.x_train, pool, N)}  # fmt: skip
+    log(f"sets: {', '.join(f'{k} {len(v)}' for k, v in sets.items())}; contexts of {N}")
+    out: dict = {"methods": {}, "facts": {}}
+    with torch.no_grad():
+        p = {k: torch.softmax(model(x), -1) for k, x in sets.items()}
+    map_scores = {k: {"entropy": -torch.special.xlogy(v, v).sum(-1),
+                      "max_probability": 1 - v.max(-1).values} for k, v in p.items()}  # fmt: skip
+    out["methods"]["MAP"] = {
+        ood: {kind: _metrics(map_scores["in"][kind], map_scores[ood][kind]) for kind in map_scores["in"]}
+        for ood in sets if ood != "in"
+    }  # fmt: skip
+    exact = ExactLLA(copy.deepcopy(model).double(), "classification").fit(ds.loader("train", 128))
+    sets64 = {k: v.double() for k, v in sets.items()}
+    d_ml = float(exact.optimize_prior_precision("marglik"))
+    d_val = float(exact.optimize_prior_precision("gridsearch", val_loader=ds.loader("val", 256)))
+    out["facts"].update(delta_marglik=d_ml, delta_val=d_val)
+    log(f"ExactLLA: δ marglik {d_ml:.4g}, δ val {d_val:.4g}")
+    for label, delta in (("marglik", d_ml), ("val", d_val)):
+        exact.prior_precision = delta
+        out["methods"][f"ExactLLA, δ {label}"] = _rows(exact, "exact", sets64, KINDS)
+    for name, ctx in (("ScaLLA", None), *((f"ScaLLA+{k}", v) for k, v in contexts.items())):
+        la = ScaLLA(model, "classification", n_features=128, prior_precision=d_val, seed=seed)
+        loader = None if ctx is None else _context_loader(ctx, seed + 1)
+        la.fit(train, context_loader=loader, iterations=iterations, progress_bar=False)
+        out["methods"][f"{name}, δ exact val"] = _rows(la, name, sets, KINDS)
+        own = float(la.optimize_prior_precision("marglik"))
+        out["methods"][f"{name}, δ own marglik"] = _rows(la, name, sets, KINDS)
+        out["facts"][f"{name} own marglik δ"] = own
+        log(f"{name}: own marglik δ {own:.4g} ({time.time() - t0:.0f} s so far)")
+    out["facts"]["seconds"] = round(time.time() - t0)
+    return out
+
+
+def format_tables(out: dict, metric: str = "auroc") -> str:
+    """One table per OOD set: rows the methods, columns the score kinds."""
+    lines = []
+    kinds = list(KINDS)
+    short = {"entropy": "H", "max_probability": "1-maxp", "mutual_information": "MI",
+             "logdet": "logdet", "logdet_softmax": "logdet⊥1", "variance_ratio": "var ratio",
+             "logdet_ratio": "logdet ratio"}  # fmt: skip
+    for ood in ("near", "letters", "far"):
+        lines.append(f"\n{metric.upper()}, OOD = {ood}")
+        lines.append(f"{'method':40s}" + "".join(f"{short[k]:>13s}" for k in kinds))
+        for method, res in out["methods"].items():
+            cells = [res[ood][k][metric] if k in res[ood] else None for k in kinds]
+            lines.append(f"{method:40s}" + "".join(
+                f"{'-':>13s}" if c is None else f"{c:13.3f}" for c in cells))  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = run(args.iterations, args.seed)
+    print(format_tables(out, "auroc"))
+    print(format_tables(out, "fpr95"))
+    print(json.dumps(out["facts"], indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
