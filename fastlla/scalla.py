@@ -325,8 +325,8 @@ class ScaLLA(
             the target's cross-covariances between them.
         iterations : kernel-matching steps (0 keeps the surrogate as it is), or ``"auto"``
             (default): time the first 10 steps and set the budget so training takes about
-            ``time_budget`` seconds (at least 200, at most 20,000 steps; the cosine decay
-            follows the resolved budget); check the result with :meth:`kernel_fidelity`.
+            ``time_budget`` seconds (at most 20,000 steps; the cosine decay follows the resolved
+            budget); check the result with :meth:`kernel_fidelity`.
         n_projections : ``S``, random tangents per step.
         lr : initial Adam learning rate, decayed to zero by a cosine schedule.
         distribution : ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"`` tangents.
@@ -344,7 +344,10 @@ class ScaLLA(
             (:func:`fastlla.augment.mixup`), ``None``, or ``"auto"`` (default): mixup for
             regression on tensor inputs (it teaches the surrogate the kernel between and around
             the data, where a regression is queried) and nothing for classification.
-        time_budget : seconds of kernel matching for ``iterations="auto"``.
+        time_budget : seconds of kernel matching for ``iterations="auto"`` (the time of
+            ``callback`` excluded): training stops after the first step that ends at or past
+            it, so it overruns by less than one step. Where that leaves fewer than 200 steps
+            a ``UserWarning`` says so (the surrogate may be poorly matched).
         override : laplace-torch's: ``False`` adds ``train_loader``'s data to an earlier fit
             without retraining the surrogate — :meth:`update` (a plain fit without one).
 
