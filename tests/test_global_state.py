@@ -494,8 +494,8 @@ def test_public_calls_leave_a_network_in_train_mode_as_it_was(kind):
         unchanged(probe)
     with torch.no_grad():
         f_eval = copy.deepcopy(model).eval()(X_TEST)
-    for estimator in KINDS:
-        la = make_estimator(estimator, model=model)
+    for estimator, kw in [*((k, {}) for k in KINDS), ("ExactLLA", {"subset_of_weights": "last_layer"})]:
+        la = make_estimator(estimator, model=model, **kw)
         model.train()  # the estimators put it in eval mode (as laplace-torch's); set it back
         before = module_record(model)
         unchanged(lambda: fit(la, batches))
