@@ -298,17 +298,25 @@ class GatedSurrogate(nn.Module):
         return ACTIVATION_GRADIENTS[type(self.activation)](self.activation, phi.detach())
 
     def hidden_features(self, u: Tensor) -> Tensor:
-        """``H`` (B, h, M) from ``u`` (B, n_in): the learned, class-independent part."""
-        H = self.linear(u) if self.mlp is None else self.linear(u) + self.mlp(u)
+        """``H`` (B, h, M) from ``u`` (B, n_in): the learned, class-independent part,
+        ``linear(u) + mlp(u)`` accumulated into one output (the two biases added once)."""
+        if self.mlp is None:
+            H = self.linear(u)
+        else:
+            first, act, last = self.mlp
+            H = torch.addmm(self.linear.bias + last.bias, u, self.linear.weight.mT)
+            H = H.addmm_(act(first(u)), last.weight.mT)
         return H.view(u.shape[0], self.hidden, self.n_features)
 
     def features(self, phi: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """``g(x)`` (B, M, C) given ``φ(x)`` (B, h), the input of the network's head."""
+        """``g(x)`` (B, M, C) given ``φ(x)`` (B, h), the input of the network's head:
+        ``g[m, c] = s Σ_j H[j, m] σ'(z_j) W[c, j]`` (``s`` the output scale), one batched product
+        ``(s σ'(z) ⊙ W) H`` (B, C, M) read transposed."""
         args, kwargs = cast_inputs(args, kwargs, self.output_scale.dtype)  # half networks
         u = self.trunk(*args, **kwargs)
         H = self.hidden_features(u.reshape(u.shape[0], -1))
-        gated = self.gate(phi.reshape(u.shape[0], -1)).to(H.dtype)[:, None, :] * self.head_weight
-        return torch.einsum("bjm,bcj->bmc", H, gated) * self.output_scale
+        gate = self.gate(phi.reshape(u.shape[0], -1)).to(H.dtype) * self.output_scale
+        return torch.bmm(gate[:, None, :] * self.head_weight, H).mT
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         one = len(args) == 1 and isinstance(args[0], Tensor) and not kwargs
