@@ -22,6 +22,7 @@ and ``O(M²C)`` per input; saving is in :mod:`fastlla.scalla_state`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -404,10 +405,20 @@ class ScaLLA(
             settings if fault.ok else {}, fault.error,
         )  # fmt: skip
         if auto or iterations:  # 4. kernel matching, the residual head trained beside it
+            gated = getattr(self.surrogate, "learned", None)
+            gated = gated if isinstance(gated, GatedSurrogate) else None
+            if gated is not None:
+                gated.undistil()  # the trained map is what trains
             self._train_surrogate(
                 train_loader, context_loader, AUTO_MAX_STEPS if auto else int(iterations),
                 n_projections, lr, distribution, progress_bar,
             )  # fmt: skip
+            if gated is not None:  # 4b. its map to H distilled for the predictive's speed
+                inputs = (x for x, _ in self._batches(train_loader))
+                if context_loader is not None:
+                    inputs = itertools.chain(inputs, self._context_inputs(context_loader))
+                gated.distil(inputs)
+                distributed.broadcast_module(gated)  # every rank predicts with rank 0's
         self._fit_posterior(train_loader, progress_bar)  # 5. the feature-space posterior
 
     def _read_network(self, train_loader: Iterable) -> Any:

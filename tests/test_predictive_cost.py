@@ -131,3 +131,104 @@ def test_an_infinite_variance_is_refused_on_the_variance_path():
         la(X[:3])
     with pytest.raises(ValueError, match="NaN or Inf"):
         la.predictive_distribution(X[:3], diagonal_output=True)
+
+
+# --------------------------------------------------------------------------- distillation
+def low_rank_gated(rank, width=16, M=12, seed=0):
+    """A gated surrogate whose map to ``H`` has rank ``rank`` on its inputs ``r(u)``."""
+    model = gated_model(seed=seed)
+    s = GatedSurrogate(model, M, C, width, generator=torch.Generator().manual_seed(seed + 1))
+    s = s.double()
+    g = torch.Generator().manual_seed(seed + 2)
+    P, _ = s._map()
+    low = torch.randn(P.shape[0], rank, dtype=P.dtype, generator=g) @ torch.randn(
+        rank, P.shape[1], dtype=P.dtype, generator=g
+    ) / P.shape[1]
+    with torch.no_grad():
+        s.linear.weight.copy_(low[:, : s.linear.in_features])
+        if width:
+            s.mlp[2].weight.copy_(low[:, s.linear.in_features :])
+    return model, s
+
+
+def input_batches(n=400, batch=50, seed=7):
+    X = torch.randn(n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return [X[i : i + batch] for i in range(0, n, batch)]
+
+
+@pytest.mark.parametrize("width", [0, 16])
+def test_distilling_a_low_rank_map_keeps_the_features(width):
+    """A map of rank 5 is distilled at rank 8 (the smallest tried) with the same features, on
+    the inputs it was distilled on and on others (the map's range is all of ``H``'s)."""
+    _, s = low_rank_gated(5, width)
+    batches = input_batches()
+    x = torch.randn(30, D, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) * 3
+    full = s(x)
+    assert s.distil(batches) == 8 and int(s.distilled_rank) == 8
+    got = s(x)
+    tol = eps_tolerance(torch.float64, s._map()[0].shape[1], 1e3)
+    torch.testing.assert_close(got, full, rtol=tol, atol=tol * float(full.abs().max()))
+    s.undistil()
+    assert torch.equal(s(x), full)
+
+
+def test_a_map_no_small_rank_reproduces_stays_as_trained():
+    _, s = low_rank_gated(25, width=16)  # inputs r(u): 10 + 16 = 26 values
+    batches = input_batches()
+    x = batches[0]
+    full = s(x)
+    assert s.distil(batches, tolerance=1e-6) == 0 and int(s.distilled_rank) == 0
+    assert torch.equal(s(x), full)
+    rank = s.distil(batches, tolerance=0.5)  # a loose tolerance: a rank that meets it
+    assert rank in (8, 16)
+    g, ref = s(x).permute(0, 2, 1).reshape(-1, 12), full.permute(0, 2, 1).reshape(-1, 12)
+    change = torch.linalg.norm(g @ g.mT - ref @ ref.mT) / torch.linalg.norm(ref @ ref.mT)
+    assert change <= 0.5
+    if rank == 16:  # rank 8 did not meet it
+        s.distilled_rank.fill_(8)
+        g = s(x).permute(0, 2, 1).reshape(-1, 12)
+        assert torch.linalg.norm(g @ g.mT - ref @ ref.mT) / torch.linalg.norm(ref @ ref.mT) > 0.5
+
+
+def test_scalla_distils_after_training_and_saves_it():
+    """``fit`` trains the full map (undistilled at the start of a refit), distils it, and fits
+    the posterior on the distilled features; a state round trip keeps the rank, and a state
+    saved before distillation existed loads undistilled."""
+    model, s = low_rank_gated(3)
+    X = torch.cat(input_batches())
+    batches = [(X[i : i + 50], model(X[i : i + 50]).argmax(-1)) for i in range(0, 400, 50)]
+    la = fastlla.ScaLLA(model, "classification", n_features=12, head_width=16, seed=3)
+    ranks = []
+    train = la._train_surrogate
+
+    def recording(*args, **kwargs):
+        learned = la.surrogate.learned
+        ranks.append(int(learned.distilled_rank))
+        with torch.no_grad():  # a low-rank trained map, so that it distils
+            learned.linear.weight.copy_(s.linear.weight)
+            learned.mlp[2].weight.copy_(s.mlp[2].weight)
+            learned.mlp[2].weight.requires_grad_(False)
+            learned.linear.weight.requires_grad_(False)
+        return train(*args, **kwargs)
+
+    la._train_surrogate = recording
+    la.fit(batches, iterations=2, progress_bar=False)
+    learned = la.surrogate.learned
+    assert int(learned.distilled_rank) == 8 and ranks == [0]
+    la.fit(batches, iterations=2, progress_bar=False)
+    assert ranks == [0, 0]  # trained undistilled
+    x = X[:9] + 0.3
+    state = la.state_dict()
+    fresh = fastlla.ScaLLA(model, "classification", n_features=12, head_width=16)
+    fresh.load_state_dict(state)
+    assert int(fresh.surrogate.learned.distilled_rank) == 8
+    assert torch.equal(fresh(x), la(x))
+    older = dict(state, surrogate={k: v for k, v in state["surrogate"].items() if "distilled" not in k})
+    old = fastlla.ScaLLA(model, "classification", n_features=12, head_width=16)
+    old.load_state_dict(older)
+    assert int(old.surrogate.learned.distilled_rank) == 0
+    bad = dict(state, surrogate=dict(state["surrogate"], **{"learned.distilled_rank": torch.tensor(65)}))
+    with pytest.raises((ValueError, RuntimeError), match="distilled_rank"):
+        fastlla.ScaLLA(model, "classification", n_features=12, head_width=16).load_state_dict(bad)
+    predictor = la.export()
+    torch.testing.assert_close(predictor(x), la(x), rtol=1e-10, atol=1e-12)
