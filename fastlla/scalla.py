@@ -318,6 +318,11 @@ class ScaLLA(
     ) -> ScaLLA:
         """Train the surrogate kernel on JVPs, then form the feature-space posterior.
 
+        A gated surrogate's map to ``H`` is then distilled to a low rank on the training (and
+        context) inputs, for a cheaper predictive, where that keeps its kernel within 1%
+        (:meth:`fastlla.surrogate.GatedSurrogate.distil`); the posterior is formed on the
+        distilled features.
+
         Parameters
         ----------
         train_loader : yields ``(x, y)``; its batch size is the kernel-matching batch ``B``.

@@ -262,6 +262,11 @@ class GatedSurrogate(nn.Module):
     ``forward(x)`` reads ``φ`` by running the network (:func:`penultimate`); callers that already
     have ``φ`` (the exact block, the exported predictor) use :meth:`features` and save a pass.
     The initial weights of the map to ``H`` come from ``generator`` (the global RNG when ``None``).
+
+    The map to ``H`` has ``h·M`` outputs, so it costs far more than the network it explains;
+    after training, :meth:`distil` replaces it by its rank-``r`` form over the training inputs
+    (``ScaLLA.fit`` does so), which the predictive then uses (:meth:`undistil` goes back to the
+    trained map, which is what trains).
     """
 
     def __init__(
