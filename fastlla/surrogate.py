@@ -308,6 +308,7 @@ class GatedSurrogate(nn.Module):
         # state_dict has the same keys and shapes whatever the rank
         n_maps = n_in + width
         self.register_buffer("distilled_rank", torch.tensor(0))
+        self._rank = 0
         self.register_buffer("distilled_mean", torch.zeros(h * n_features))
         self.register_buffer("distilled_basis", torch.zeros(h * n_features, DISTIL_MAX_RANK))
         self.register_buffer("distilled_coef", torch.zeros(DISTIL_MAX_RANK, n_maps))
@@ -323,7 +324,7 @@ class GatedSurrogate(nn.Module):
         """``H`` (B, h, M) from ``u`` (B, n_in): the learned, class-independent part,
         ``linear(u) + mlp(u)`` accumulated into one output (the two biases added once) — or,
         once distilled (:meth:`distil`), its rank-``r`` form ``H̄ + B (A r(u) + a)``."""
-        r = int(self.distilled_rank)
+        r = self._rank  # a Python int (mirrors the buffer): no data-dependent branch to trace
         if r:
             coef, n_in = self.distilled_coef[:r], u.shape[1]
             a = torch.addmm(self.distilled_offset[:r], u, coef[:, :n_in].mT)
@@ -368,10 +369,16 @@ class GatedSurrogate(nn.Module):
         if absent:
             missing_keys[:] = [k for k in missing_keys if k not in {prefix + a for a in absent}]
             self.undistil()
+        self._rank = int(self.distilled_rank)
 
     def undistil(self) -> None:
         """Back to the trained map to ``H`` (what kernel matching trains)."""
-        self.distilled_rank.zero_()
+        self.use_rank(0)
+
+    def use_rank(self, r: int) -> None:
+        """Use the first ``r`` distilled directions (``0``: the trained map)."""
+        self.distilled_rank.fill_(int(r))
+        self._rank = int(r)
 
     @torch.no_grad()
     def distil(self, batches: Any, tolerance: float = DISTIL_TOLERANCE) -> int:
@@ -380,8 +387,12 @@ class GatedSurrogate(nn.Module):
         predictive's speed: ``vec H ≈ H̄ + B Bᵀ(P (r(u) − r̄))``, ``B`` the top ``r`` principal
         directions of ``vec H`` over those inputs (``H̄`` its mean). ``r`` is the smallest of
         ``DISTIL_RANKS`` whose learned kernel ``g gᵀ`` over the first ``DISTIL_CHECK_INPUTS``
-        inputs differs from the trained one by at most ``tolerance`` (relative Frobenius norm); where none does, or
-        the inputs are fewer than ``2r``, the map is left as trained (rank 0). Returns ``r``.
+        inputs differs from the trained one by at most ``tolerance`` times the Frobenius norm
+        of the surrogate's whole kernel there (these features and the exact last-layer block
+        ``[φ; 1] ⊗ I_C`` of :class:`LastLayerSurrogate`): by the triangle inequality the
+        relative kernel error (``ScaLLA.kernel_fidelity``) on those inputs then moves by at
+        most about ``tolerance``. Where no rank does, or the inputs are fewer than ``2r``, the
+        map is left as trained (rank 0). Returns ``r``.
         """
         self.undistil()
         maps, checks, n = [], [], 0
@@ -408,6 +419,15 @@ class GatedSurrogate(nn.Module):
         full = self._gated(self.hidden_features(u), phi).double()
         full_gram = full.permute(0, 2, 1).reshape(-1, full.shape[1])
         reference = full_gram.mT @ full_gram
+        # the surrogate's whole kernel: these features beside the exact block ψ ⊗ I_C
+        psi = phi.reshape(phi.shape[0], -1).double()
+        if model.get_submodule(self.head_name).bias is not None:
+            psi = torch.cat([psi, psi.new_ones(psi.shape[0], 1)], dim=1)
+        whole = (
+            reference.square().sum()
+            + 2 * torch.einsum("bmc,bd->cmd", full, psi).square().sum()
+            + self.n_outputs * (psi.mT @ psi).square().sum()
+        ).sqrt()
         dtype = self.distilled_basis.dtype
         for r in DISTIL_RANKS:
             if 2 * r > R.shape[0] or r > Z.shape[0] or evals[r - 1] <= 0:
@@ -418,12 +438,12 @@ class GatedSurrogate(nn.Module):
             self.distilled_coef[:r] = coef.to(dtype)
             self.distilled_offset[:r] = (-(coef @ r_bar)).to(dtype)
             self.distilled_mean.copy_((P @ r_bar + b).to(dtype))
-            self.distilled_rank.fill_(r)
+            self.use_rank(r)
             rows = self._gated(self.hidden_features(u), phi).double()
             rows = rows.permute(0, 2, 1).reshape(-1, rows.shape[1])
             ours, cross = rows.mT @ rows, full_gram.mT @ rows
             change2 = reference.square().sum() - 2 * cross.square().sum() + ours.square().sum()
-            if change2.clamp_min(0).sqrt() <= tolerance * reference.norm():
+            if change2.clamp_min(0).sqrt() <= tolerance * whole:
                 return r
         self.undistil()
         return 0

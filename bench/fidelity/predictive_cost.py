@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     if rank:
         learned.undistil()
         print("kernel error, trained map:", errors())
-        learned.distilled_rank.fill_(rank)
+        learned.use_rank(rank)
     plain = fastlla.ScaLLA(model, "classification", gate=False, last_layer=False,
                            residual_variance=False)  # fmt: skip
     plain.fit(train, iterations=20, progress_bar=False)
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
         try:
             return la(x)
         finally:
-            learned.distilled_rank.fill_(rank)
+            learned.use_rank(rank)
 
     calls = {"MAP forward": model, "default la(x)": la, "plain la(x)": plain}
     if rank:
