@@ -419,11 +419,14 @@ class ScaLLA(
                 n_projections, lr, distribution, progress_bar,
             )  # fmt: skip
             if gated is not None:  # 4b. its map to H distilled for the predictive's speed
-                inputs = (x for x, _ in self._batches(train_loader))
+                # on this rank's share (torch.distributed); every rank then uses rank 0's
+                inputs = (x for x, _ in self._batches(distributed.shard(train_loader)))
                 if context_loader is not None:
-                    inputs = itertools.chain(inputs, self._context_inputs(context_loader))
+                    context = distributed.shard(context_loader)
+                    inputs = itertools.chain(inputs, self._context_inputs(context))
                 gated.distil(inputs)
-                distributed.broadcast_module(gated)  # every rank predicts with rank 0's
+                distributed.broadcast_module(gated)
+                gated.use_rank(int(gated.distilled_rank))
         self._fit_posterior(train_loader, progress_bar)  # 5. the feature-space posterior
 
     def _read_network(self, train_loader: Iterable) -> Any:
