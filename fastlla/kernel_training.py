@@ -8,8 +8,8 @@ trained so that ``ΦΦᵀ`` matches ``ZZᵀ``, an unbiased estimate of the NTK G
 with a cosine decay to zero over the iteration budget; with ``iterations="auto"`` the budget is
 set from the measured step time, and training stops at the first step that ends at or past
 ``time_budget`` (so it overruns by less than one step; a budget that allows fewer than
-``AUTO_MIN_STEPS`` steps is kept, with a warning). A residual head, where one is trained, learns the part of the
-NTK's diagonal block the features miss from the same JVPs. Under ``torch.distributed`` every
+``AUTO_MIN_STEPS`` steps is kept, with a warning). A residual head, where one is trained,
+learns the part of the NTK's diagonal block the features miss from the same JVPs. Under ``torch.distributed`` every
 rank trains on its shard and the gradients are averaged (:mod:`fastlla.distributed`).
 
 :class:`KernelTraining` is a mixin of :class:`fastlla.ScaLLA`.
