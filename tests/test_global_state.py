@@ -508,7 +508,12 @@ def test_public_calls_leave_a_network_in_train_mode_as_it_was(kind):
         mean, _ = unchanged(lambda: la.predictive_distribution(X_TEST))
         torch.testing.assert_close(mean, f_eval, rtol=1e-5, atol=1e-6)
         unchanged(lambda: la(X_TEST))
+        unchanged(lambda: la(X_TEST, link_approx="bridge"))
         unchanged(lambda: la.log_marginal_likelihood())
+        unchanged(lambda: la.optimize_prior_precision("gridsearch", batches, grid=[0.5, 2.0]))
+        if estimator == "ScaLLA":
+            predictor = unchanged(la.export)
+            unchanged(lambda: predictor(X_TEST))
 
 
 def call_tapped(nh, model, x):
