@@ -40,6 +40,19 @@ class PredictiveFeatures:
     residual: Tensor | None = None
 
 
+def _checked_covariance(cov: Tensor, features: PredictiveFeatures) -> Tensor:
+    """``cov`` (covariances or variances), or ``ValueError`` where it holds NaN or Inf (finiteness
+    is checked here, on B·C² values, rather than on the B·M·C features: NaN/Inf propagate)."""
+    if not torch.isfinite(cov).all():
+        if not torch.isfinite(features.phi).all():
+            raise ValueError("fastlla: the surrogate's output contains NaN or Inf")
+        raise ValueError(
+            "fastlla: the predictive covariance contains NaN or Inf (check the network's "
+            "penultimate features and the prior precision)"
+        )
+    return cov
+
+
 class FeaturePredictive:
     """The hooks of :class:`~fastlla.laplace.LaplaceBase`'s predictive API for a feature
     posterior, and the kernel diagnostics; mixed into :class:`fastlla.ScaLLA`."""
@@ -108,14 +121,7 @@ class FeaturePredictive:
         cov = self.posterior.covariance(features.phi, prior_precision, data_scale, features.kron)
         if features.residual is not None:
             cov = cov + features.residual.to(cov.dtype) / prior_precision
-        if not torch.isfinite(cov).all():
-            if not torch.isfinite(features.phi).all():
-                raise ValueError("fastlla: the surrogate's output contains NaN or Inf")
-            raise ValueError(
-                "fastlla: the predictive covariance contains NaN or Inf (check the network's "
-                "penultimate features and the prior precision)"
-            )
-        return cov
+        return _checked_covariance(cov, features)
 
     def _prior_covariance_from_features(
         self, features: PredictiveFeatures, prior_precision: float
@@ -148,7 +154,7 @@ class FeaturePredictive:
         var = self.posterior.variance(feats.phi, delta, scale, feats.kron)
         if feats.residual is not None:
             var = var + feats.residual.to(var.dtype) / delta
-        return f, var
+        return f, _checked_covariance(var, feats)
 
     def _outputs_and_joint_covariance(
         self, x: Any, delta: Any, scale: float

@@ -350,13 +350,21 @@ def check_module_state(module: nn.Module, state: Any, where: str) -> None:
     if not isinstance(state, Mapping):
         raise TypeError(f"fastlla: {where} must be a dict of tensors, got {type(state).__name__}")
     ours = module.state_dict()
-    missing, unknown = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    optional = {  # entries an older state may lack (a module's ``optional_state``)
+        f"{name}.{key}" if name else key
+        for name, m in module.named_modules()
+        for key in getattr(m, "optional_state", ())
+    }
+    missing = sorted(set(ours) - set(state) - optional)
+    unknown = sorted(set(state) - set(ours))
     if missing or unknown:
         raise ValueError(
             f"fastlla: {where} does not fit the module: missing keys {missing}, unknown keys "
             f"{unknown}"
         )
     for key, ref in ours.items():
+        if key not in state:  # (optional)
+            continue
         value = state[key]
         if isinstance(ref, Tensor) and ref.is_floating_point():
             _state_tensor(state, key, tuple(ref.shape), where)

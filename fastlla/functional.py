@@ -22,7 +22,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 from .forward_ad import explain_forward_ad_error, forward_ad_kernels, has_rnn
 
-__all__ = ["NetworkFunction", "compute_dtype", "cast_inputs", "call_module", "batch_size", "slice_batch", "concat_batches", "to_device", "check_finite"]
+__all__ = ["NetworkFunction", "compute_dtype", "cast_inputs", "call_module", "batch_size", "slice_batch", "concat_batches", "to_device", "check_finite", "eval_standin"]
 
 Inputs = Any  # Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
 
@@ -175,13 +175,17 @@ def _outputs(out: Any) -> Tensor:
 
 
 def _private_copy(module: nn.Module) -> nn.Module:
-    """``module``'s tree rebuilt from new module objects that hold the same tensors.
+    """``module``'s tree rebuilt from new module objects that hold the same tensors, every one
+    in eval mode (the user's modules keep their own ``training`` flags).
 
     ``functional_call`` swaps the tensors it is given into the module it runs for the length of
     the call; on the user's module every other thread running it meanwhile would compute with
     them (and with the transforms' wrapped tensors). Each call swaps them into its own copy: only
     the per-module dicts are new (a module registered twice stays one object, so tied weights
-    stay tied); tensors, hooks and other attributes are shared.
+    stay tied); tensors, hooks and other attributes are shared. Eval mode: fastlla's
+    linearisation is of the network as it predicts, so a network left in train mode by its user
+    neither updates its BatchNorm running statistics nor draws dropout masks (from the global
+    RNG) when fastlla runs it.
     """
     copies: dict[int, nn.Module] = {}
 
@@ -189,6 +193,7 @@ def _private_copy(module: nn.Module) -> nn.Module:
         if id(m) not in copies:
             clone = copies[id(m)] = object.__new__(type(m))
             clone.__dict__.update(m.__dict__)
+            clone.__dict__["training"] = False
             clone.__dict__["_parameters"] = type(m._parameters)(m._parameters)
             clone.__dict__["_buffers"] = type(m._buffers)(m._buffers)
             clone.__dict__["_modules"] = type(m._modules)(
@@ -197,6 +202,16 @@ def _private_copy(module: nn.Module) -> nn.Module:
         return copies[id(m)]
 
     return copy_of(module)
+
+
+def eval_standin(module: nn.Module) -> nn.Module:
+    """``module`` itself when it and all its submodules are in eval mode, else a stand-in that
+    runs in eval mode (:func:`_private_copy`): how fastlla runs the user's network, which it
+    never changes — not its ``training`` flags, not its buffers (BatchNorm's running
+    statistics), and it draws no dropout masks from the global RNG."""
+    if not any(m.training for m in module.modules()):
+        return module
+    return _private_copy(module)
 
 
 #: PyTorch's forward-mode AD level is process-global (``torch.autograd.forward_ad``): JVPs of two
@@ -266,7 +281,7 @@ class NetworkFunction:
         """``f(x; θ*)`` as ``(B, C)``, no grad: the module itself runs (the same parameters as
         ``self(self.params(), x)``, without ``functional_call``'s re-binding cost)."""
         with torch.no_grad():
-            out = _outputs(call_module(self.model, x))
+            out = _outputs(call_module(eval_standin(self.model), x))
         if out.is_floating_point():
             out = out.to(self.out_dtype)
         return out.unsqueeze(-1) if out.dim() == 1 else out

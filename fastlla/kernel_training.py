@@ -6,8 +6,10 @@ network (:class:`~fastlla.projections.ProjectionSampler`); the surrogate's featu
 trained so that ``ΦΦᵀ`` matches ``ZZᵀ``, an unbiased estimate of the NTK Gram, through the fused
 ``fastlla::kernel_matching_loss`` (the train/context cross blocks of the target zeroed). Adam
 with a cosine decay to zero over the iteration budget; with ``iterations="auto"`` the budget is
-set from the measured step time. A residual head, where one is trained, learns the part of the
-NTK's diagonal block the features miss from the same JVPs. Under ``torch.distributed`` every
+set from the measured step time, and training stops at the first step that ends at or past
+``time_budget`` (so it overruns by less than one step; a budget that allows fewer than
+``AUTO_MIN_STEPS`` steps is kept, with a warning). A residual head, where one is trained,
+learns the part of the NTK's diagonal block the features miss from the same JVPs. Under ``torch.distributed`` every
 rank trains on its shard and the gradients are averaged (:mod:`fastlla.distributed`).
 
 :class:`KernelTraining` is a mixin of :class:`fastlla.ScaLLA`.
@@ -19,6 +21,7 @@ import contextlib
 import itertools
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -38,7 +41,8 @@ from .surrogate import (
 
 __all__ = ["KernelTraining"]
 
-#: ``iterations="auto"``: steps timed before the budget is set, and its bounds.
+#: ``iterations="auto"``: steps timed before the budget is set; the fewest steps below which a
+#: budget that allows no more is warned about (the budget is kept); the most steps.
 AUTO_PROBE_STEPS, AUTO_MIN_STEPS, AUTO_MAX_STEPS = 10, 200, 20_000
 #: Steps at which the ``"auto"`` horizon is (re-)estimated: the first steps run slower (warm-up,
 #: allocator, lazy initialisation), so one early estimate alone under-fills the budget.
@@ -159,6 +163,9 @@ class KernelTraining:
                     "seconds": time.perf_counter() - start - paused,
                 }
             )
+            out_of_time = budget is not None and _past(self.history[-1]["seconds"], budget)
+            if out_of_time:  # the budget is spent: this was the last step
+                horizon[0] = step + 1
             if callback is not None and ((step + 1) % every == 0 or step + 1 == horizon[0]):
                 t0 = time.perf_counter()
                 fault = distributed.Fault(f"fit (callback after step {step + 1})")
@@ -167,6 +174,15 @@ class KernelTraining:
                 fault.agree()
                 paused += time.perf_counter() - t0
         bar.close()
+        if budget is not None and len(self.history) < AUTO_MIN_STEPS:
+            warnings.warn(
+                f"fastlla: time_budget={budget:g} s allowed only {len(self.history)} "
+                f"kernel-matching steps (at {self.history[-1]['seconds'] / len(self.history):.3g}"
+                f" s each; at least {AUTO_MIN_STEPS} are advised): the surrogate kernel may be "
+                "poorly matched. Check kernel_fidelity, or raise time_budget",
+                UserWarning,
+                stacklevel=4,  # the caller of fit
+            )
         if averaged is not None:
             with torch.no_grad():
                 for p, a in zip(params, averaged):
@@ -185,7 +201,7 @@ class KernelTraining:
         )
         per_step = max(float(total / ranks), 1e-6)
         steps = step + max(budget - elapsed, 0.0) / per_step
-        return max(step + 1, min(AUTO_MAX_STEPS, max(AUTO_MIN_STEPS, int(steps))))
+        return max(step + 1, min(AUTO_MAX_STEPS, int(steps)))
 
     def _residual_head_step(
         self, rhead: ResidualHead, opt: Any, x: Any, z: Tensor, phi: Tensor, first: bool
@@ -257,6 +273,13 @@ def _swapped(params: list[Tensor], averaged: list[Tensor] | None) -> Iterator[No
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
+
+
+def _past(seconds: float, budget: float) -> bool:
+    """Whether ``seconds`` of training reach ``budget`` — on every rank, if any rank's do (the
+    ranks must stop at the same step)."""
+    (over,) = distributed.sum_over_ranks(torch.tensor(float(seconds >= budget)))
+    return bool(over > 0)
 
 
 def _cycle(make: Any) -> Iterator[Any]:

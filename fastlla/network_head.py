@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import call_module
+from .functional import call_module, eval_standin
 
 __all__ = [
     "NetworkHead",
@@ -277,9 +277,10 @@ def penultimate(
 def without_module(model: nn.Module, name: str) -> nn.Module:
     """A stand-in for ``model`` with its submodule ``name`` replaced by the identity, built per
     call like :func:`tapped_network` (shallow copies of the modules on the path; the parameters,
-    buffers and every other module are ``model``'s own; ``model`` is not changed)."""
+    buffers and every other module are ``model``'s own; ``model`` is not changed), in eval mode
+    (:func:`~fastlla.functional.eval_standin`)."""
     parent_name, _, attr = name.rpartition(".")
-    root = _shallow_copy(model)
+    root = _shallow_copy(eval_standin(model))
     parent = root
     for part in parent_name.split(".") if parent_name else []:
         child = _shallow_copy(parent._modules[part])
@@ -364,9 +365,12 @@ def tapped_network(
     module, and a hook registered by one thread also records (and slows) every other thread's
     passes. Only the modules on the paths from the root to ``names`` are new objects (shallow
     copies whose children are re-linked); the tapped ones run their original ``forward`` and
-    keep their own hooks. Parameters, buffers and every other module are ``model``'s own.
+    keep their own hooks. Parameters, buffers and every other module are ``model``'s own. The
+    stand-in runs in eval mode (:func:`~fastlla.functional.eval_standin`): a network in train
+    mode neither updates its buffers nor draws dropout masks.
     """
     seen: dict[str, tuple[Any, Any]] = {}
+    model = eval_standin(model)  # a network in train mode runs as in eval mode, unchanged
     copies = {"": _shallow_copy(model)}
 
     def copy_of(name: str) -> nn.Module:  # the copy of `name`, linked into its parent's copy

@@ -25,6 +25,7 @@ __all__ = [
     "FeaturePosterior",
     "compress_factor",
     "kron_covariance",
+    "kron_gram",
     "precision_to_scale_tril",
 ]
 
@@ -105,6 +106,7 @@ class FeaturePosterior:
         self._kron_key: tuple | None = None
         self._kron_chol: Tensor | None = None
         self._kron: tuple[Tensor, Tensor, Tensor] | None = None
+        self._kron_gram: tuple[Tensor, Tensor] | None = None  # (T_e, kron_gram(T_e)) last used
 
     @property
     def n_features(self) -> int:
@@ -215,7 +217,13 @@ class FeaturePosterior:
             )
         T_e, T_l, L_ll = self._kron_factors(prior_precision, data_scale, m, C)
         op = _ops.predictive_variance if diagonal else _ops.predictive_covariance
-        return kron_covariance(T_e, T_l, L_ll, phi, a, op, diagonal)
+        gram = None
+        if diagonal:  # cached beside the factors it is derived from (a local read first)
+            cached = self._kron_gram
+            if cached is None or cached[0] is not T_e:
+                cached = self._kron_gram = (T_e, kron_gram(T_e, C))
+            gram = cached[1]
+        return kron_covariance(T_e, T_l, L_ll, phi, a, op, diagonal, gram)
 
 
     def update(self, W: Tensor) -> None:
@@ -257,18 +265,32 @@ def compress_factor(W: Tensor) -> Tensor:
     return torch.linalg.qr(W.mT, mode="r").R.mT.contiguous()
 
 
+def kron_gram(T_e: Tensor, C: int) -> Tensor:
+    """``Q`` (k, C·k) with ``Q[d, c·k + e] = Σ_i T_e[d, i·C + c] T_e[e, i·C + c]``: the diagonal
+    of ``V_eᵀV_e`` is then ``a_bᵀ Q_c a_b`` (:func:`kron_covariance`), ``k²C`` operations per
+    input instead of forming ``V_e`` (``k²C²``)."""
+    k = T_e.shape[0]
+    t = T_e.view(k, -1, C)
+    return torch.einsum("dic,eic->dce", t, t).reshape(k, C * k)
+
+
 def kron_covariance(
     T_e: Tensor, T_l: Tensor, L_ll: Tensor, phi: Tensor, a: Tensor, whitened: Any,
-    diagonal: bool = False,
+    diagonal: bool = False, gram: Tensor | None = None,
 ) -> Tensor:
     """``Σ_b`` (or its diagonal) for features ``[G_b; a_b ⊗ I_C]`` from the factors of
     :meth:`FeaturePosterior._kron_factors`: ``V_eᵀV_e + whitened(L_ll, G − L_le V_e)``, where
     ``whitened(L, X)`` is ``Xᵀ(LLᵀ)⁻¹X`` per input (or its diagonal) — the fused op or a
-    triangular solve."""
+    triangular solve. ``gram``: :func:`kron_gram` of ``T_e``, with which the diagonal of
+    ``V_eᵀV_e`` is read without forming ``V_e``."""
     B, m, C = phi.shape
     a = a.to(T_e.dtype)
-    V_e = (a @ T_e).view(B, -1, C)  # (B, k·C, C)
     G = (phi.to(T_e.dtype) - (a @ T_l).view(B, m, C)).contiguous()
+    if diagonal and gram is not None:
+        k = a.shape[1]
+        exact = ((a @ gram).view(B, C, k) * a[:, None, :]).sum(-1)
+        return exact + whitened(L_ll, G)
+    V_e = (a @ T_e).view(B, -1, C)  # (B, k·C, C)
     if diagonal:
         return V_e.square().sum(1) + whitened(L_ll, G)
     return V_e.mT @ V_e + whitened(L_ll, G)

@@ -159,9 +159,9 @@ class Prediction:
             mean, cov = self.predictive_distribution(x, joint, diagonal_output, fitting)
             return mean, self._with_noise(cov, diagonal_output) if include_noise else cov
         bridge = link not in (LinkApprox.PROBIT, LinkApprox.MC)
-        mean, cov = self.predictive_distribution(
-            x, diagonal_output=diagonal_output and not bridge, fitting=fitting
-        )
+        # the probit reads only the variances: no C×C blocks are formed for it
+        diagonal = link is LinkApprox.PROBIT or (diagonal_output and not bridge)
+        mean, cov = self.predictive_distribution(x, diagonal_output=diagonal, fitting=fitting)
         if link is LinkApprox.MC and (diagonal_output or given):
             return torch.softmax(gaussian_samples(mean, cov, n_samples, generator), -1).mean(0)
         return class_probabilities(mean, cov, link, n_samples=n_samples, seed=seed)

@@ -22,6 +22,7 @@ and ``O(M²C)`` per input; saving is in :mod:`fastlla.scalla_state`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -317,6 +318,11 @@ class ScaLLA(
     ) -> ScaLLA:
         """Train the surrogate kernel on JVPs, then form the feature-space posterior.
 
+        A gated surrogate's map to ``H`` is then distilled to a low rank on the training (and
+        context) inputs, for a cheaper predictive, where that keeps its kernel within 1%
+        (:meth:`fastlla.surrogate.GatedSurrogate.distil`); the posterior is formed on the
+        distilled features.
+
         Parameters
         ----------
         train_loader : yields ``(x, y)``; its batch size is the kernel-matching batch ``B``.
@@ -325,8 +331,8 @@ class ScaLLA(
             the target's cross-covariances between them.
         iterations : kernel-matching steps (0 keeps the surrogate as it is), or ``"auto"``
             (default): time the first 10 steps and set the budget so training takes about
-            ``time_budget`` seconds (at least 200, at most 20,000 steps; the cosine decay
-            follows the resolved budget); check the result with :meth:`kernel_fidelity`.
+            ``time_budget`` seconds (at most 20,000 steps; the cosine decay follows the resolved
+            budget); check the result with :meth:`kernel_fidelity`.
         n_projections : ``S``, random tangents per step.
         lr : initial Adam learning rate, decayed to zero by a cosine schedule.
         distribution : ``"rademacher"``, ``"gaussian"`` or ``"orthogonal"`` tangents.
@@ -344,7 +350,10 @@ class ScaLLA(
             (:func:`fastlla.augment.mixup`), ``None``, or ``"auto"`` (default): mixup for
             regression on tensor inputs (it teaches the surrogate the kernel between and around
             the data, where a regression is queried) and nothing for classification.
-        time_budget : seconds of kernel matching for ``iterations="auto"``.
+        time_budget : seconds of kernel matching for ``iterations="auto"`` (the time of
+            ``callback`` excluded): training stops after the first step that ends at or past
+            it, so it overruns by less than one step. Where that leaves fewer than 200 steps
+            a ``UserWarning`` says so (the surrogate may be poorly matched).
         override : laplace-torch's: ``False`` adds ``train_loader``'s data to an earlier fit
             without retraining the surrogate — :meth:`update` (a plain fit without one).
 
@@ -401,10 +410,23 @@ class ScaLLA(
             settings if fault.ok else {}, fault.error,
         )  # fmt: skip
         if auto or iterations:  # 4. kernel matching, the residual head trained beside it
+            gated = getattr(self.surrogate, "learned", None)
+            gated = gated if isinstance(gated, GatedSurrogate) else None
+            if gated is not None:
+                gated.undistil()  # the trained map is what trains
             self._train_surrogate(
                 train_loader, context_loader, AUTO_MAX_STEPS if auto else int(iterations),
                 n_projections, lr, distribution, progress_bar,
             )  # fmt: skip
+            if gated is not None:  # 4b. its map to H distilled for the predictive's speed
+                # on this rank's share (torch.distributed); every rank then uses rank 0's
+                inputs = (x for x, _ in self._batches(distributed.shard(train_loader)))
+                if context_loader is not None:
+                    context = distributed.shard(context_loader)
+                    inputs = itertools.chain(inputs, self._context_inputs(context))
+                gated.distil(inputs)
+                distributed.broadcast_module(gated)
+                gated.use_rank(int(gated.distilled_rank))
         self._fit_posterior(train_loader, progress_bar)  # 5. the feature-space posterior
 
     def _read_network(self, train_loader: Iterable) -> Any:

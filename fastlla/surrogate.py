@@ -63,6 +63,15 @@ __all__ = [
 ]
 
 
+#: :meth:`GatedSurrogate.distil`: the ranks tried (the largest is the buffers' size), the most
+#: inputs read (and, of those, checked), and the largest relative change of the learned kernel
+#: accepted.
+DISTIL_RANKS = (8, 16, 32, 64)
+DISTIL_MAX_RANK = DISTIL_RANKS[-1]
+DISTIL_MAX_INPUTS, DISTIL_CHECK_INPUTS = 4096, 256
+DISTIL_TOLERANCE = 0.01
+
+
 def seeded_linear(n_in: int, n_out: int, generator: torch.Generator | None = None) -> nn.Linear:
     """``nn.Linear(n_in, n_out)`` with PyTorch's default initialisation drawn from ``generator``
     (a CPU generator), leaving the global RNG untouched; ``None``: a plain ``nn.Linear``, which
@@ -253,6 +262,11 @@ class GatedSurrogate(nn.Module):
     ``forward(x)`` reads ``φ`` by running the network (:func:`penultimate`); callers that already
     have ``φ`` (the exact block, the exported predictor) use :meth:`features` and save a pass.
     The initial weights of the map to ``H`` come from ``generator`` (the global RNG when ``None``).
+
+    The map to ``H`` has ``h·M`` outputs, so it costs far more than the network it explains;
+    after training, :meth:`distil` replaces it by its rank-``r`` form over the training inputs
+    (``ScaLLA.fit`` does so), which the predictive then uses (:meth:`undistil` goes back to the
+    trained map, which is what trains).
     """
 
     def __init__(
@@ -290,6 +304,15 @@ class GatedSurrogate(nn.Module):
             else None
         )
         self.register_buffer("output_scale", torch.tensor(1.0))
+        # the distilled map to H (:meth:`distil`): rank 0 until distilled; fixed shapes, so a
+        # state_dict has the same keys and shapes whatever the rank
+        n_maps = n_in + width
+        self.register_buffer("distilled_rank", torch.tensor(0))
+        self._rank = 0
+        self.register_buffer("distilled_mean", torch.zeros(h * n_features))
+        self.register_buffer("distilled_basis", torch.zeros(h * n_features, DISTIL_MAX_RANK))
+        self.register_buffer("distilled_coef", torch.zeros(DISTIL_MAX_RANK, n_maps))
+        self.register_buffer("distilled_offset", torch.zeros(DISTIL_MAX_RANK))
         w = head.weight
         self.to(device=w.device, dtype=compute_dtype(w.dtype))
 
@@ -298,17 +321,149 @@ class GatedSurrogate(nn.Module):
         return ACTIVATION_GRADIENTS[type(self.activation)](self.activation, phi.detach())
 
     def hidden_features(self, u: Tensor) -> Tensor:
-        """``H`` (B, h, M) from ``u`` (B, n_in): the learned, class-independent part."""
-        H = self.linear(u) if self.mlp is None else self.linear(u) + self.mlp(u)
+        """``H`` (B, h, M) from ``u`` (B, n_in): the learned, class-independent part,
+        ``linear(u) + mlp(u)`` accumulated into one output (the two biases added once) — or,
+        once distilled (:meth:`distil`), its rank-``r`` form ``H̄ + B (A r(u) + a)``."""
+        r = self._rank  # a Python int (mirrors the buffer): no data-dependent branch to trace
+        if r:
+            coef, n_in = self.distilled_coef[:r], u.shape[1]
+            a = torch.addmm(self.distilled_offset[:r], u, coef[:, :n_in].mT)
+            if self.mlp is not None:
+                a = a.addmm_(self.mlp[1](self.mlp[0](u)), coef[:, n_in:].mT)
+            H = torch.addmm(self.distilled_mean, a, self.distilled_basis[:, :r].mT)
+        elif self.mlp is None:
+            H = self.linear(u)
+        else:
+            first, act, last = self.mlp
+            H = torch.addmm(self.linear.bias + last.bias, u, self.linear.weight.mT)
+            H = H.addmm_(act(first(u)), last.weight.mT)
         return H.view(u.shape[0], self.hidden, self.n_features)
 
-    def features(self, phi: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """``g(x)`` (B, M, C) given ``φ(x)`` (B, h), the input of the network's head."""
+    def _map_inputs(self, u: Tensor) -> Tensor:
+        """``r(u) = [u; ReLU(first(u))]`` (B, n_in + width): ``H`` is affine in it."""
+        return u if self.mlp is None else torch.cat([u, self.mlp[1](self.mlp[0](u))], dim=1)
+
+    def _map(self) -> tuple[Tensor, Tensor]:
+        """``(P, b)`` with ``vec H = P r(u) + b`` for the trained (undistilled) map."""
+        if self.mlp is None:
+            return self.linear.weight, self.linear.bias
+        last = self.mlp[2]
+        return torch.cat([self.linear.weight, last.weight], dim=1), self.linear.bias + last.bias
+
+    #: state_dict entries a state saved before distillation existed lacks (it loads undistilled)
+    optional_state = ("distilled_rank", "distilled_mean", "distilled_basis", "distilled_coef",
+                      "distilled_offset")  # fmt: skip
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        absent = [k for k in self.optional_state if prefix + k not in state_dict]
+        rank = state_dict.get(prefix + "distilled_rank")
+        if rank is not None and not (
+            isinstance(rank, Tensor) and rank.numel() == 1 and 0 <= int(rank) <= DISTIL_MAX_RANK
+        ):
+            error_msgs.append(f"{prefix}distilled_rank must be an integer in [0, {DISTIL_MAX_RANK}]")
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if absent:
+            missing_keys[:] = [k for k in missing_keys if k not in {prefix + a for a in absent}]
+            self.undistil()
+        self._rank = int(self.distilled_rank)
+
+    def undistil(self) -> None:
+        """Back to the trained map to ``H`` (what kernel matching trains)."""
+        self.use_rank(0)
+
+    def use_rank(self, r: int) -> None:
+        """Use the first ``r`` distilled directions (``0``: the trained map)."""
+        self.distilled_rank.fill_(int(r))
+        self._rank = int(r)
+
+    @torch.no_grad()
+    def distil(self, batches: Any, tolerance: float = DISTIL_TOLERANCE) -> int:
+        """Replace the map to ``H`` by its best rank-``r`` form on the inputs ``batches``
+        (an iterable of input batches, read until ``DISTIL_MAX_INPUTS`` inputs), for the
+        predictive's speed: ``vec H ≈ H̄ + B Bᵀ(P (r(u) − r̄))``, ``B`` the top ``r`` principal
+        directions of ``vec H`` over those inputs (``H̄`` its mean). ``r`` is the smallest of
+        ``DISTIL_RANKS`` whose learned kernel ``g gᵀ`` over the first ``DISTIL_CHECK_INPUTS``
+        inputs differs from the trained one by at most ``tolerance`` times the Frobenius norm
+        of the surrogate's whole kernel there (these features and the exact last-layer block
+        ``[φ; 1] ⊗ I_C`` of :class:`LastLayerSurrogate`): by the triangle inequality the
+        relative kernel error (``ScaLLA.kernel_fidelity``) on those inputs then moves by at
+        most about ``tolerance``. Where no rank does, or the inputs are fewer than ``2r``, the
+        map is left as trained (rank 0). Returns ``r``.
+        """
+        self.undistil()
+        maps, checks, n = [], [], 0
+        model = self._model[0]
+        for x in batches:
+            phi = penultimate(model, self.head_name, x, bias=False)
+            u = call_module(self._trunk_output, x)
+            maps.append(self._map_inputs(u).double())
+            if n < DISTIL_CHECK_INPUTS:
+                checks.append((phi, u))
+            n += u.shape[0]
+            if n >= DISTIL_MAX_INPUTS:
+                break
+        if not maps:
+            return 0
+        R = torch.cat(maps)
+        P, b = (t.double() for t in self._map())
+        r_bar = R.mean(0)
+        # principal directions of vec H = P r + b over the inputs: from the small Gram of Z
+        Z = torch.linalg.qr(R - r_bar, mode="r").R @ P.mT  # (≤ n_maps, h·M), ZᵀZ = cov · n
+        evals, evecs = torch.linalg.eigh(Z @ Z.mT)
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        phi, u = (torch.cat(t)[:DISTIL_CHECK_INPUTS] for t in zip(*checks))
+        full = self._gated(self.hidden_features(u), phi).double()
+        full_gram = full.permute(0, 2, 1).reshape(-1, full.shape[1])
+        reference = full_gram.mT @ full_gram
+        # the surrogate's whole kernel: these features beside the exact block ψ ⊗ I_C
+        psi = phi.reshape(phi.shape[0], -1).double()
+        if model.get_submodule(self.head_name).bias is not None:
+            psi = torch.cat([psi, psi.new_ones(psi.shape[0], 1)], dim=1)
+        whole = (
+            reference.square().sum()
+            + 2 * torch.einsum("bmc,bd->cmd", full, psi).square().sum()
+            + self.n_outputs * (psi.mT @ psi).square().sum()
+        ).sqrt()
+        dtype = self.distilled_basis.dtype
+        for r in DISTIL_RANKS:
+            if 2 * r > R.shape[0] or r > Z.shape[0] or evals[r - 1] <= 0:
+                break
+            basis = (Z.mT @ evecs[:, :r]) / evals[:r].sqrt()  # (h·M, r), orthonormal columns
+            coef = basis.mT @ P
+            self.distilled_basis[:, :r] = basis.to(dtype)
+            self.distilled_coef[:r] = coef.to(dtype)
+            self.distilled_offset[:r] = (-(coef @ r_bar)).to(dtype)
+            self.distilled_mean.copy_((P @ r_bar + b).to(dtype))
+            self.use_rank(r)
+            rows = self._gated(self.hidden_features(u), phi).double()
+            rows = rows.permute(0, 2, 1).reshape(-1, rows.shape[1])
+            ours, cross = rows.mT @ rows, full_gram.mT @ rows
+            change2 = reference.square().sum() - 2 * cross.square().sum() + ours.square().sum()
+            if change2.clamp_min(0).sqrt() <= tolerance * whole:
+                return r
+        self.undistil()
+        return 0
+
+    def _trunk_output(self, *args: Any, **kwargs: Any) -> Tensor:
+        """``u`` (B, n_in): the trunk's output on the inputs, flattened."""
         args, kwargs = cast_inputs(args, kwargs, self.output_scale.dtype)  # half networks
         u = self.trunk(*args, **kwargs)
-        H = self.hidden_features(u.reshape(u.shape[0], -1))
-        gated = self.gate(phi.reshape(u.shape[0], -1)).to(H.dtype)[:, None, :] * self.head_weight
-        return torch.einsum("bjm,bcj->bmc", H, gated) * self.output_scale
+        return u.reshape(u.shape[0], -1)
+
+    def _gated(self, H: Tensor, phi: Tensor) -> Tensor:
+        """``g`` (B, M, C) from ``H`` (B, h, M) and ``φ`` (B, h)."""
+        gate = self.gate(phi.reshape(H.shape[0], -1)).to(H.dtype) * self.output_scale
+        return torch.bmm(gate[:, None, :] * self.head_weight, H).mT
+
+    def features(self, phi: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """``g(x)`` (B, M, C) given ``φ(x)`` (B, h), the input of the network's head:
+        ``g[m, c] = s Σ_j H[j, m] σ'(z_j) W[c, j]`` (``s`` the output scale), one batched product
+        ``(s σ'(z) ⊙ W) H`` (B, C, M) read transposed."""
+        return self._gated(self.hidden_features(self._trunk_output(*args, **kwargs)), phi)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         one = len(args) == 1 and isinstance(args[0], Tensor) and not kwargs

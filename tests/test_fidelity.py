@@ -4,7 +4,9 @@ correction and the automatic iteration budget."""
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 
 import pytest
 import torch
@@ -282,12 +284,31 @@ def test_residual_variance_auto_is_off_for_regression():
 def test_auto_iterations_follow_the_time_budget():
     model, loader, _ = make_problem()
     la = fastlla.ScaLLA(model, "classification", n_features=4)
-    la.fit(loader, iterations="auto", time_budget=1e-6, progress_bar=False)
-    assert len(la.history) == 200  # the lower bound
+    with pytest.warns(UserWarning, match="allowed only 1 kernel-matching steps"):
+        la.fit(loader, iterations="auto", time_budget=1e-6, progress_bar=False)
+    assert len(la.history) == 1  # no lower bound overrides the budget: a warning instead
     with pytest.raises(ValueError, match="iterations"):
         la.fit(loader, iterations="many", progress_bar=False)
     with pytest.raises(ValueError, match="time_budget"):
         la.fit(loader, iterations="auto", time_budget=0.0, progress_bar=False)
+
+
+@pytest.mark.parametrize("budget", [2.0, 7.9, 60.0])
+def test_auto_iterations_stop_within_one_step_of_the_time_budget(monkeypatch, budget):
+    """Steps of 0.5 s on a fake clock (one reading per step): a budget shorter than the timing
+    probe (10 steps) or than 200 steps is honoured — training stops at the first step that ends
+    at or past it, or at the horizon estimated from the step time — and a warning says how few steps it allowed; no warning at 200 steps."""
+    model, loader, _ = make_problem()
+    fake_clock(monkeypatch, tick=0.5)
+    la = fastlla.ScaLLA(model, "classification", n_features=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        la.fit(loader, iterations="auto", time_budget=budget, progress_bar=False)
+    trained = la.history[-1]["seconds"]
+    assert abs(trained - budget) < 0.5 + 1e-9, (trained, len(la.history))  # within one step
+    assert len(la.history) in (math.floor(budget / 0.5), math.ceil(budget / 0.5))
+    few = [w for w in caught if "kernel-matching steps" in str(w.message)]
+    assert len(few) == (len(la.history) < 200)
 
 
 def test_auto_iterations_fill_the_time_budget(monkeypatch):

@@ -426,3 +426,97 @@ def test_a_copied_estimator_keeps_its_fit_and_its_staleness(kind):
         la.model[0].weight.add_(1.0)
     with pytest.raises(ModelChangedError):
         copy.deepcopy(la)(X_TEST)
+
+
+# --------------------------------------------------------------------------- train mode
+def train_mode_model(kind, seed=0):
+    """A network with BatchNorm or dropout (whose train-mode forward updates buffers or draws
+    from the global RNG), ending Linear → ReLU → Linear (the gated surrogate's structure)."""
+    g = torch.Generator().manual_seed(seed)
+    middle = nn.BatchNorm1d(16) if kind == "batchnorm" else nn.Dropout(0.5)
+    model = nn.Sequential(nn.Linear(D, 16), middle, nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, C))  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        if kind == "batchnorm":  # running statistics far from any batch's own
+            model[1].running_mean.copy_(torch.randn(16, generator=g))
+            model[1].running_var.copy_(torch.rand(16, generator=g) + 0.5)
+    return model
+
+
+def module_record(model):
+    """Everything of a module a call could change: every parameter and buffer (values, identity,
+    requires_grad), every training flag, the hooks, and the global RNG."""
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "ids": [id(t) for t in [*model.parameters(), *model.buffers()]],
+        "grad": [p.requires_grad for p in model.parameters()],
+        "training": [m.training for m in model.modules()],
+        "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()],
+        "rng": torch.get_rng_state(),
+    }
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "dropout"])
+def test_public_calls_leave_a_network_in_train_mode_as_it_was(kind):
+    """A network its user left in train mode: no public call updates its buffers, draws dropout
+    masks from the global RNG or flips its flags; fastlla linearises the network as it predicts
+    (eval mode), so the predictive mean is the eval-mode output."""
+    from fastlla import network_head as nh
+
+    model, batches = train_mode_model(kind), make_batches()
+    x = batches[0][0]
+    head = nh.find_head(model.eval(), x)
+    assert head.output_layer == "5" and head.gate == ("3", "4", "5")
+    model.train()
+    before = module_record(model)
+
+    def unchanged(call):
+        out = call()
+        after = module_record(model)
+        assert_same(after, before, "module")
+        return out
+
+    probes = [
+        lambda: nh.find_head(model, x),
+        lambda: nh.gated_structure_runs(model, ("3", "4", "5"), x),
+        lambda: nh.penultimate(model, "5", x),
+        lambda: nh.penultimate(model, "5", x, pooled=True),
+        lambda: nh.forward_with_penultimate(model, "5", x, head_is_output=True),
+        lambda: nh.head_is_output(model, "5", x),
+        lambda: nh.InputOf(model, "3")(x),
+        lambda: call_tapped(nh, model, x),
+        lambda: nh.without_module(model, "5")(x),
+    ]
+    assert unchanged(probes[0]) == head  # read as in eval mode
+    for probe in probes[1:]:
+        unchanged(probe)
+    with torch.no_grad():
+        f_eval = copy.deepcopy(model).eval()(X_TEST)
+    for estimator, kw in [*((k, {}) for k in KINDS), ("ExactLLA", {"subset_of_weights": "last_layer"})]:
+        la = make_estimator(estimator, model=model, **kw)
+        model.train()  # the estimators put it in eval mode (as laplace-torch's); set it back
+        before = module_record(model)
+        unchanged(lambda: fit(la, batches))
+        if estimator == "ScaLLA":
+            assert la.gate_used
+            unchanged(lambda: la.fit(batches, iterations="auto", time_budget=0.05,
+                                     progress_bar=False))  # fmt: skip
+            unchanged(lambda: la.kernel_fidelity(X_TEST, method="exact"))
+            unchanged(lambda: la.kernel_fidelity(X_TEST, method="jvp", n_projections=4))
+        mean, _ = unchanged(lambda: la.predictive_distribution(X_TEST))
+        torch.testing.assert_close(mean, f_eval, rtol=1e-5, atol=1e-6)
+        unchanged(lambda: la(X_TEST))
+        unchanged(lambda: la(X_TEST, link_approx="bridge"))
+        unchanged(lambda: la.log_marginal_likelihood())
+        unchanged(lambda: la.optimize_prior_precision("gridsearch", batches, grid=[0.5, 2.0]))
+        if estimator == "ScaLLA":
+            predictor = unchanged(la.export)
+            unchanged(lambda: predictor(X_TEST))
+
+
+def call_tapped(nh, model, x):
+    tapped, seen = nh.tapped_network(model, ["1", "5"])
+    tapped(x)
+    assert set(seen) == {"1", "5"}
