@@ -11,10 +11,10 @@ over 10 values of ``δ`` log-spaced from (marglik ``δ``)/10 to 10⁴, prints
 correction off, the learned residual head (``"head"``) and the JVP estimate (``"jvp"``), and a
 candidate not in the library: the head's residual shrunk as a low-amplitude copy of the
 feature kernel would be ("head, scaled": :func:`scaled_residual`). The same fitted ScaLLA
-serves all: only ``residual_variance`` is switched. ``docs/residual-
-variance.md`` holds the table and what it means.
+serves all: only ``residual_variance`` is switched. ``docs/residual-variance.md`` holds the
+table and what it means.
 
-    OMP_NUM_THREADS=2 python bench/residual_variance.py                    # all four data sets
+    OMP_NUM_THREADS=2 python bench/residual_variance.py            # all four data sets
     OMP_NUM_THREADS=2 python bench/residual_variance.py --datasets digits-ood gap
 
 The ten-class digits set is the slow one (ExactLLA over 10,770 function-space dimensions: its
