@@ -127,7 +127,9 @@ class ScaLLA(
         batch (no training, 64 forward passes per prediction); ``"auto"`` is ``"head"`` for
         classification whenever the head could be trained (the model has a last ``nn.Linear``
         and ``fit`` ran kernel-matching steps), else off (regression: the head over-estimates
-        the residual inside the data). It can be switched after ``fit`` by setting the
+        the residual inside the data). ``r/δ`` is exact as ``δ`` grows and over-states the
+        residual where the training data constrain it (small ``δ``, see
+        ``docs/residual-variance.md``). It can be switched after ``fit`` by setting the
         attribute (``"head"`` needs a trained head).
     head_width : hidden units of the default surrogate's head (``0``: a linear head from the
         trunk's ``h`` penultimate features). A linear head makes every feature a linear map of
