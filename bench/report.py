@@ -5,7 +5,7 @@ beside the report — ``rows.jsonl`` (one row per case, including the cases repo
 ``benchmark-*.json`` (raw pytest-benchmark output), ``meta.json`` — and the op micro-benchmark
 table of ``bench/bench_ops.py``.
 
-    python bench/report.py bench/results/suite/2026-11-26-cpu-2core   # regenerate from raw files
+    python bench/report.py bench/results/suite/2026-11-29-cpu-2core   # regenerate from raw files
 """
 
 from __future__ import annotations
