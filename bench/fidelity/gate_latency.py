@@ -8,13 +8,12 @@ interleaved in one process (median of ``--repeat`` rounds, ``--threads`` threads
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import fastlla
 from fastlla.apps.fidelity import setup
+from fastlla.apps.measure import interleaved_latency
 
 
 def main(argv=None) -> None:
@@ -32,19 +31,9 @@ def main(argv=None) -> None:
         la.fit(ds.loader("train", 64, shuffle=True), iterations=20, progress_bar=False)
         fitted[f"ScaLLA gate={gate}"] = la.predictive_distribution
     calls = {"MAP forward": model, **fitted}
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    with torch.no_grad():
-        for _ in range(3):  # warm-up
-            for fn in calls.values():
-                fn(x)
-        for _ in range(args.repeat):
-            for name, fn in calls.items():
-                t0 = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["MAP forward"])
-    for name, ts in times.items():
-        med = statistics.median(ts)
+    medians = interleaved_latency(calls, x, args.repeat)
+    base = medians["MAP forward"]
+    for name, med in medians.items():
         print(f"{name:22s} {1e3 * med:7.2f} ms  ({med / base:5.2f}× the MAP forward)")
 
 

@@ -14,13 +14,13 @@ the trained map, and a ScaLLA with ``gate=False, last_layer=False, residual_vari
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 import fastlla
 from fastlla.apps.fidelity import setup
+from fastlla.apps.measure import interleaved_latency
 
 
 def main(argv=None) -> None:
@@ -71,19 +71,9 @@ def main(argv=None) -> None:
     calls = {"MAP forward": model, "default la(x)": la, "plain la(x)": plain}
     if rank:
         calls["trained-map la(x)"] = undistilled
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    with torch.no_grad():
-        for _ in range(3):
-            for fn in calls.values():
-                fn(x)
-        for _ in range(args.repeat):
-            for name, fn in calls.items():
-                t = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - t)
-    base = statistics.median(times["MAP forward"])
-    for name, ts in times.items():
-        med = statistics.median(ts)
+    medians = interleaved_latency(calls, x, args.repeat)
+    base = medians["MAP forward"]
+    for name, med in medians.items():
         print(f"{name:22s} {1e3 * med:8.2f} ms  {med / base:6.2f}x the MAP forward")
 
 

@@ -8,6 +8,7 @@ above the level at entry; on CUDA it is ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import os
+import statistics
 import resource
 import threading
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Measurement", "measure", "current_rss"]
+__all__ = ["Measurement", "measure", "current_rss", "interleaved_latency"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -78,3 +79,22 @@ class measure:
             self._thread.join()
             self._peak = max(self._peak, current_rss())
             self.result.peak_bytes = self._peak - self._base
+
+
+def interleaved_latency(calls: dict, x, repeat: int = 30, warmup: int = 3) -> dict[str, float]:
+    """Median wall-clock seconds of each ``calls[name](x)``, under ``torch.no_grad``.
+
+    The calls are interleaved (one of each per round, ``warmup`` rounds discarded), so a change
+    in machine load moves every method alike and their ratios stay comparable.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        for _ in range(int(warmup)):
+            for fn in calls.values():
+                fn(x)
+        for _ in range(int(repeat)):
+            for name, fn in calls.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
