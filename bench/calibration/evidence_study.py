@@ -79,12 +79,41 @@ def psd_sqrt(L: torch.Tensor) -> torch.Tensor:
     return (V * e.clamp_min(0).sqrt()[..., None, :]) @ V.mT
 
 
-def study(name: str, ds: Dataset, weight_decay: float, seed: int = 0) -> list[tuple]:
+def load(name: str) -> Dataset:
+    """The study's data sets: ``digits_ood``, ``digits`` or a :func:`tabular` one."""
+    if name == "digits_ood":
+        return load_digits_ood(seed=0)
+    if name == "digits":
+        return load_digits_split(seed=0)
+    return tabular(name)
+
+
+def trained_exact(name: str, ds: Dataset, weight_decay: float, seed: int = 0):
+    """The MAP network (trained on a fork of the global RNG, then in float64) and exact LLA
+    fitted on the training split."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = train_map(network(name, ds), ds.loader("train", 64, shuffle=True, seed=seed),
                           weight_decay=weight_decay, seed=seed)  # fmt: skip
     model = copy.deepcopy(model).double()
+    la = ExactLLA(model, "classification")
+    la.fit(ds.loader("train", 128))
+    return model, la
+
+
+def jacobians(la: ExactLLA, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(J (N, C, P), f (N, C))`` over ``x`` in batches of 128, float64."""
+    J, f = zip(*(la.jacobians(x[i : i + 128].double()) for i in range(0, len(x), 128)))
+    return torch.cat(J), torch.cat(f)
+
+
+def softmax_hessian(p: torch.Tensor) -> torch.Tensor:
+    """``diag(p) − ppᵀ`` (…, C, C)."""
+    return torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+
+
+def study(name: str, ds: Dataset, weight_decay: float, seed: int = 0) -> list[tuple]:
+    model, la = trained_exact(name, ds, weight_decay, seed)
     with torch.no_grad():
         p_map = torch.softmax(model(ds.x_test.double()), -1)
     rows = [("MAP", float("inf"), {"nll": M.nll(p_map, ds.y_test), "ece": M.ece(p_map, ds.y_test)})]
@@ -93,17 +122,15 @@ def study(name: str, ds: Dataset, weight_decay: float, seed: int = 0) -> list[tu
             p_ood = torch.softmax(model(ds.x_ood.double()), -1)
         ent = lambda p: -(p * p.clamp_min(1e-300).log()).sum(-1)  # noqa: E731
         rows[0][2]["auroc"] = M.auroc(ent(p_map), ent(p_ood))
-    la = ExactLLA(model, "classification")
-    la.fit(ds.loader("train", 128))
     d_val = la.optimize_prior_precision("gridsearch", val_loader=ds.loader("val", 256))
     rows.append(("validation NLL", d_val, scores(la, ds)))
 
     # training-set quantities, function space
-    J, f = zip(*(la.jacobians(ds.x_train[i : i + 128].double()) for i in range(0, len(ds.x_train), 128)))
-    J, f, y = torch.cat(J), torch.cat(f), ds.y_train
+    J, f = jacobians(la, ds.x_train)
+    y = ds.y_train
     N, C, P = J.shape
     p = torch.softmax(f, -1)
-    Lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    Lam = softmax_hessian(p)
     A = (psd_sqrt(Lam) @ J).reshape(N * C, P)
     Jf = J.reshape(N * C, P)
     S, U = torch.linalg.eigh(A @ A.T)
@@ -139,7 +166,7 @@ def study(name: str, ds: Dataset, weight_decay: float, seed: int = 0) -> list[tu
     d_marglik = la.optimize_prior_precision("marglik")
     # where the test variance at the marglik δ comes from: along the training GGN's eigenvectors
     # uₖ, Σₖ (J(x)uₖ)²/(λₖ+δ), or from the GGN's null space, ‖J(x)(I − UUᵀ)‖²/δ
-    Jt = torch.cat([la.jacobians(ds.x_test[i : i + 128].double())[0] for i in range(0, len(ds.x_test), 128)])
+    Jt = jacobians(la, ds.x_test)[0]
     proj = torch.einsum("ncp,pk->nck", Jt, A.T @ U[:, keep]) / Sk.sqrt()  # J(x)uₖ
     data_part = float((proj.square() / (Sk + d_marglik)).sum())
     null_part = float(Jt.square().sum() - proj.square().sum()) / d_marglik
@@ -176,12 +203,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.data:
-        if name == "digits_ood":
-            ds = load_digits_ood(seed=0)
-        elif name == "digits":
-            ds = load_digits_split(seed=0)
-        else:
-            ds = tabular(name)
+        ds = load(name)
         for wd in (1e-4, 0.0):
             print(f"\n### {name}, weight decay {wd:g} (N = {len(ds.x_train)})\n")
             print("| criterion | δ | test NLL | ECE | OOD AUROC |\n|---|---|---|---|---|")

@@ -11,55 +11,57 @@ not come from the saturated curvature.
 
     python bench/calibration/expected_curvature.py wine breast_cancer
 """
-import sys, copy, torch, numpy as np
-torch.set_num_threads(1)
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from evidence_study import tabular, network, psd_sqrt
-from fastlla import ExactLLA, metrics as M
-from fastlla.apps.data import load_digits_ood
-from fastlla.apps.models import train_map
-from fastlla.predictive import class_probabilities
+import os
+import sys
 
-def jac(la, x):
-    J, f = zip(*(la.jacobians(x[i:i+128].double()) for i in range(0, len(x), 128)))
-    return torch.cat(J), torch.cat(f)
+import torch
 
-def run(name, ds, wd):
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = train_map(network(name, ds), ds.loader("train", 64, shuffle=True, seed=0), weight_decay=wd, seed=0)
-    model = copy.deepcopy(model).double()
-    la = ExactLLA(model, "classification"); la.fit(ds.loader("train", 128))
-    J, f = jac(la, ds.x_train); Jt, ft = jac(la, ds.x_test)
-    N, C, P = J.shape; y = ds.y_train
-    Jf = J.reshape(N*C, P); Ktt = Jt @ Jt.mT; KtX = torch.einsum("ncp,mp->ncm", Jt, Jf); KXX = Jf @ Jf.T
-    Kd = J @ J.mT
-    gen = torch.Generator().manual_seed(0); Z = torch.randn(128, N, C, generator=gen, dtype=torch.float64)
-    p = torch.softmax(f, -1); Lam0 = torch.diag_embed(p) - p[:, :, None]*p[:, None, :]
+sys.path.insert(0, os.path.dirname(__file__))
+from evidence_study import jacobians, load, psd_sqrt, softmax_hessian, trained_exact  # noqa: E402
+
+from fastlla import metrics as M  # noqa: E402
+from fastlla.predictive import class_probabilities  # noqa: E402
+
+DELTAS = [0.1, 0.316, 1, 3.16, 10, 31.6, 100]
+N_ITERATIONS, N_MC = 6, 128
+
+
+def run(name: str, weight_decay: float = 1e-4) -> None:
+    ds = load(name)
+    _, la = trained_exact(name, ds, weight_decay)
+    J, f = jacobians(la, ds.x_train)
+    Jt, ft = jacobians(la, ds.x_test)
+    N, C, P = J.shape
+    NC = N * C
+    Jf = J.reshape(NC, P)
+    KXX, Kd = Jf @ Jf.T, J @ J.mT
+    Ktt, KtX = Jt @ Jt.mT, torch.einsum("ncp,mp->ncm", Jt, Jf)
+    Z = torch.randn(N_MC, N, C, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     eye = torch.eye(C, dtype=torch.float64)
-    print(f"== {name} wd={wd}", flush=True)
-    for d in [0.1, 0.316, 1, 3.16, 10, 31.6, 100]:
-        Lam = Lam0
-        out = []
-        for it in range(6):
-            R = torch.block_diag(*psd_sqrt(Lam))  # NC x NC
-            B = R @ KXX @ R + d * torch.eye(N*C, dtype=torch.float64)
-            Lc = torch.linalg.cholesky(B)
-            # train cov
-            KX = KXX.reshape(N, C, N*C) @ R  # N C NC
-            V = torch.cholesky_solve(KX.reshape(N*C, N*C).T, Lc).T.reshape(N, C, N*C)
-            G = (Kd - torch.einsum("ncm,ndm->ncd", V, KX)) / d; G = 0.5*(G+G.mT)
-            KtR = KtX @ R
-            Vt = torch.cholesky_solve(KtR.reshape(-1, N*C).T, Lc).T.reshape(KtR.shape)
-            Gt = (Ktt - torch.einsum("ncm,ndm->ncd", Vt, KtR)) / d; Gt = 0.5*(Gt+Gt.mT)
-            pr = class_probabilities(ft, Gt, "probit")
-            out.append(f"{M.nll(pr, ds.y_test):.4f}/{M.ece(pr, ds.y_test):.3f}")
-            Ls = torch.linalg.cholesky(G + 1e-10*eye)
-            fs = f + (Ls @ Z[..., None])[..., 0]; ps = torch.softmax(fs, -1)
-            Lam = (torch.diag_embed(ps) - ps[..., :, None]*ps[..., None, :]).mean(0)
-        print(f"   d={d:6.3g} test nll/ece per iteration: " + " ".join(out), flush=True)
 
-for n in sys.argv[1:]:
-    ds = load_digits_ood(seed=0) if n == "digits_ood" else tabular(n)
-    for wd in (1e-4,):
-        run(n, ds, wd)
+    def posterior_cov(K_self, K_cross, R, chol, d):
+        """``(K_self − K_cross R (R K R + δI)⁻¹ R K_crossᵀ)/δ`` per input, symmetrised."""
+        KR = K_cross @ R
+        V = torch.cholesky_solve(KR.reshape(-1, NC).T, chol).T.reshape(KR.shape)
+        G = (K_self - torch.einsum("ncm,ndm->ncd", V, KR)) / d
+        return 0.5 * (G + G.mT)
+
+    print(f"== {name} weight decay {weight_decay:g}", flush=True)
+    for d in DELTAS:
+        Lam, out = softmax_hessian(torch.softmax(f, -1)), []
+        for _ in range(N_ITERATIONS):
+            R = torch.block_diag(*psd_sqrt(Lam))  # Λ^{1/2}, (NC, NC)
+            chol = torch.linalg.cholesky(R @ KXX @ R + d * torch.eye(NC, dtype=torch.float64))
+            G = posterior_cov(Kd, KXX.reshape(N, C, NC), R, chol, d)
+            probs = class_probabilities(ft, posterior_cov(Ktt, KtX, R, chol, d), "probit")
+            out.append(f"{M.nll(probs, ds.y_test):.4f}/{M.ece(probs, ds.y_test):.3f}")
+            # E_q[Λ(f)] under the current posterior at each training point
+            draws = f + (torch.linalg.cholesky(G + 1e-10 * eye) @ Z[..., None])[..., 0]
+            Lam = softmax_hessian(torch.softmax(draws, -1)).mean(0)
+        print(f"   δ={d:6.3g} test NLL/ECE per iteration: " + " ".join(out), flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for data_set in sys.argv[1:] or ["wine", "breast_cancer"]:
+        run(data_set)
