@@ -14,6 +14,11 @@ LLA in float64, exact Jacobians, same networks as ``evidence_study.py``):
   constructor; PyTorch's default Linear/Conv2d init gives ``3·fan_in`` for weights and biases);
 * ``range + init null`` — the range part of ``range only`` plus ``P₀ D⁻¹ P₀`` (``P₀ = I − UUᵀ``,
   the null-space projector): the initialisation prior where the data said nothing;
+* ``antoran·init`` — ``Σ = (G + αD)⁻¹``: antoran's evidence in the coordinates whitened by the
+  initialisation prior (``θ' = D^{1/2}θ``) chooses one scale ``α``; the per-tensor ratios are
+  the initialisation's;
+* ``range antoran·init + init null`` — the same ``α·D`` on the range of the whitened GGN, the
+  initialisation prior ``D`` (``α = 1``) on its null space;
 * ``5-fold CV`` — ``δ`` maximising the 5-fold cross-validated probit log-likelihood of the
   linearised model ``g(x) = f(x) + J(x)(θ − θ*)`` with prior ``θ ~ N(0, δ⁻¹I)`` (a GP with mean
   ``f − Jθ*`` and kernel ``JJᵀ/δ``): on each fold its Laplace posterior is refitted from the other
@@ -172,6 +177,20 @@ def study(name: str, ds, weight_decay: float, cv: bool, seed: int = 0) -> list[t
     print(f"(P = {P}, N·C = {N * C}, GGN rank {int(keep.sum())}; antoran δ = {d_a:.3g})")
     d_init, lines = init_precision(lambda: network(name, ds))
     print("init prior per tensor: " + "; ".join(lines))
+    # the same evidence in coordinates whitened by the init prior (θ' = D₀^{1/2}θ): one scale α
+    # for the prior α·D₀, per-layer ratios from the initialisation
+    w = d_init.sqrt()
+    Aw = A / w
+    Sw, Ufw = torch.linalg.eigh(Aw @ Aw.T)
+    keep_w = Sw > Sw.max().clamp_min(0) * 1e-12
+    Skw = Sw[keep_w]
+    Uw = Aw.T @ (Ufw[:, keep_w] / Skw.sqrt())
+    cw = Uw.T @ (theta * w)
+    antoran_w = {d: loglik - 0.5 * float((d * Skw / (Skw + d) * cw**2).sum())
+                 - 0.5 * float(torch.log1p(Skw / d).sum()) for d in GRID}  # fmt: skip
+    alpha = max(antoran_w, key=antoran_w.get)
+    print(f"(antoran in init-whitened coordinates: α = {alpha:.3g})")
+    del Aw, Ufw
 
     sets = {"test": ds.x_test}
     if ds.x_ood is not None:
@@ -183,13 +202,20 @@ def study(name: str, ds, weight_decay: float, cv: bool, seed: int = 0) -> list[t
         rng = torch.einsum("nck,k,ndk->ncd", JU, 1 / (Sk + d_a), JU)
         B = Jx - JU @ U.T  # J(x)P₀
         null_init = torch.einsum("ncp,p,ndp->ncd", B, 1 / d_init, B)
+        Jw = Jx / w
+        JUw = Jw @ Uw
+        rng_w = torch.einsum("nck,k,ndk->ncd", JUw, 1 / (Skw + alpha), JUw)
+        null_w = Jw @ Jw.mT - JUw @ JUw.mT
         parts[key] = {
             "fx": fx,
             "check": cov_prior(Jx, A, torch.full((P,), d_a, dtype=torch.float64)),
             "range only": rng,
             "init prior": cov_prior(Jx, A, d_init),
             "range + init null": rng + null_init,
+            "antoran·init": cov_prior(Jx, A, alpha * d_init),
+            "range antoran·init + init null": rng_w + 0.5 * (null_w + null_w.mT),
         }
+        del Jw, JUw
         del Jx, B
     la.prior_precision = d_a
     ref = la(ds.x_test.double())
@@ -199,7 +225,8 @@ def study(name: str, ds, weight_decay: float, cv: bool, seed: int = 0) -> list[t
     if err > 1e-8:
         raise RuntimeError("the function-space predictive does not reproduce ExactLLA")
     rows.append(("antoran", f"{d_a:.3g}", scores(la, ds)))
-    labels = {"range only": f"{d_a:.3g} / ∞", "init prior": "δ_l", "range + init null": f"{d_a:.3g} / δ_l"}
+    labels = {"range only": f"{d_a:.3g} / ∞", "init prior": "δ_l", "range + init null": f"{d_a:.3g} / δ_l",
+              "antoran·init": f"{alpha:.3g}·δ_l", "range antoran·init + init null": f"{alpha:.3g}·δ_l / δ_l"}
     for key, label in labels.items():
         pt = class_probabilities(parts["test"]["fx"], parts["test"][key], "probit")
         po = (class_probabilities(parts["ood"]["fx"], parts["ood"][key], "probit")
