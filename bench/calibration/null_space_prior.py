@@ -54,9 +54,10 @@ N_FOLDS = 5
 
 
 def init_precision(build, n_draws: int = N_INIT_DRAWS) -> tuple[torch.Tensor, list[str]]:
-    """Per-parameter prior precision ``1/E[θ²]`` of each parameter tensor under the network's
-    initialisation, from ``n_draws`` fresh networks (forked RNG), float64 ``(P,)``; and one line
-    per tensor comparing it with ``3·fan_in`` (PyTorch's default Linear/Conv2d init)."""
+    """Prior precision ``1/E[θ²]`` of each parameter tensor under the network's initialisation,
+    from ``n_draws`` fresh networks (forked RNG), float64, one per tensor in
+    ``parameters()`` order; and one line per tensor comparing it with ``3·fan_in`` (PyTorch's
+    default Linear/Conv2d init)."""
     with torch.random.fork_rng():
         torch.manual_seed(12345)
         draws = [[q.detach().double().reshape(-1) for q in build().parameters()] for _ in range(n_draws)]
@@ -64,11 +65,11 @@ def init_precision(build, n_draws: int = N_INIT_DRAWS) -> tuple[torch.Tensor, li
     fan_in = None
     for k, q in enumerate(build().parameters()):
         second = torch.stack([d[k] for d in draws]).square().mean()
-        prec.append(torch.full((q.numel(),), float(1 / second), dtype=torch.float64))
+        prec.append(float(1 / second))
         if q.dim() > 1:
             fan_in = int(np.prod(q.shape[1:]))
         lines.append(f"{tuple(q.shape)}: 1/E[θ²] = {float(1 / second):.4g}, 3·fan_in = {3 * fan_in}")
-    return torch.cat(prec), lines
+    return torch.tensor(prec, dtype=torch.float64), lines
 
 
 def cov_prior(Jx: torch.Tensor, A: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -175,7 +176,8 @@ def study(name: str, ds, weight_decay: float, cv: bool, seed: int = 0) -> list[t
                - 0.5 * float(torch.log1p(Sk / d).sum()) for d in GRID}  # fmt: skip
     d_a = max(antoran, key=antoran.get)
     print(f"(P = {P}, N·C = {N * C}, GGN rank {int(keep.sum())}; antoran δ = {d_a:.3g})")
-    d_init, lines = init_precision(lambda: network(name, ds))
+    d_layers, lines = init_precision(lambda: network(name, ds))
+    d_init = torch.repeat_interleave(d_layers, torch.tensor([q.numel() for q in model.parameters()]))
     print("init prior per tensor: " + "; ".join(lines))
     # the same evidence in coordinates whitened by the init prior (θ' = D₀^{1/2}θ): one scale α
     # for the prior α·D₀, per-layer ratios from the initialisation
@@ -225,6 +227,12 @@ def study(name: str, ds, weight_decay: float, cv: bool, seed: int = 0) -> list[t
     if err > 1e-8:
         raise RuntimeError("the function-space predictive does not reproduce ExactLLA")
     rows.append(("antoran", f"{d_a:.3g}", scores(la, ds)))
+    la.prior_precision = d_layers  # ExactLLA's own per-layer prior: must give the same predictive
+    mine = class_probabilities(parts["test"]["fx"], parts["test"]["init prior"], "probit")
+    err = float((la(ds.x_test.double()) - mine).abs().max())
+    print(f"(ExactLLA with the per-layer init prior vs the function-space predictive: max |Δp| = {err:.2e})")
+    if err > 1e-8:
+        raise RuntimeError("the per-layer prior's predictive does not reproduce ExactLLA's")
     labels = {"range only": f"{d_a:.3g} / ∞", "init prior": "δ_l", "range + init null": f"{d_a:.3g} / δ_l",
               "antoran·init": f"{alpha:.3g}·δ_l", "range antoran·init + init null": f"{alpha:.3g}·δ_l / δ_l"}
     for key, label in labels.items():
