@@ -61,7 +61,8 @@ def init_precision(build, n_draws: int = N_INIT_DRAWS) -> tuple[torch.Tensor, li
     default Linear/Conv2d init)."""
     with torch.random.fork_rng():
         torch.manual_seed(12345)
-        draws = [[q.detach().double().reshape(-1) for q in build().parameters()] for _ in range(n_draws)]
+        draws = [[q.detach().double().reshape(-1) for q in build().parameters()]
+                 for _ in range(n_draws)]  # fmt: skip
     prec, lines = [], []
     fan_in = None
     for k, q in enumerate(build().parameters()):
@@ -69,7 +70,8 @@ def init_precision(build, n_draws: int = N_INIT_DRAWS) -> tuple[torch.Tensor, li
         prec.append(float(1 / second))
         if q.dim() > 1:
             fan_in = int(np.prod(q.shape[1:]))
-        lines.append(f"{tuple(q.shape)}: 1/E[θ²] = {float(1 / second):.4g}, 3·fan_in = {3 * fan_in}")
+        lines.append(f"{tuple(q.shape)}: 1/E[θ²] = {float(1 / second):.4g}, "
+                     f"3·fan_in = {3 * fan_in}")
     return torch.tensor(prec, dtype=torch.float64), lines
 
 
@@ -133,7 +135,8 @@ def cv_delta(J, f, y, theta, seed: int = 0) -> tuple[float, dict[float, float]]:
                 if step < 1e-8:
                     break
             else:
-                print(f"warning: Newton did not converge (δ = {d:.3g}, fold {k}, last step {step:.2g})")
+                print(f"warning: Newton did not converge (δ = {d:.3g}, fold {k}, "
+                      f"last step {step:.2g})")
             modes[k] = g
             p = torch.softmax(g, -1)
             Rb = psd_sqrt(softmax_hessian(p))
@@ -144,7 +147,9 @@ def cv_delta(J, f, y, theta, seed: int = 0) -> tuple[float, dict[float, float]]:
             RKs = (Rb @ Ks.T.reshape(n, C, -1)).reshape(n * C, -1)
             V = (Rb @ torch.cholesky_solve(RKs, L).reshape(n, C, -1)).reshape(n * C, -1)
             Kss = K0[out][:, :, out].diagonal(dim1=0, dim2=2).permute(2, 0, 1) / d
-            cov = Kss - torch.einsum("ncm,mnd->ncd", Ks.reshape(n_out, C, -1), V.reshape(-1, n_out, C))
+            cov = Kss - torch.einsum(
+                "ncm,mnd->ncd", Ks.reshape(n_out, C, -1), V.reshape(-1, n_out, C)
+            )
             probs = class_probabilities(mean, 0.5 * (cov + cov.mT), "probit")
             total += float(probs.gather(1, y[out][:, None]).clamp_min(1e-300).log().sum())
         curve[d] = total
@@ -178,7 +183,8 @@ def study(name: str, ds, weight_decay: float, cv: bool, seed: int = 0) -> list[t
     d_a = max(antoran, key=antoran.get)
     print(f"(P = {P}, N·C = {N * C}, GGN rank {int(keep.sum())}; antoran δ = {d_a:.3g})")
     d_layers, lines = init_precision(lambda: network(name, ds))
-    d_init = torch.repeat_interleave(d_layers, torch.tensor([q.numel() for q in model.parameters()]))
+    numels = torch.tensor([q.numel() for q in model.parameters()])
+    d_init = torch.repeat_interleave(d_layers, numels)
     print("init prior per tensor: " + "; ".join(lines))
     # the same evidence in coordinates whitened by the init prior (θ' = D₀^{1/2}θ): one scale α
     # for the prior α·D₀, per-layer ratios from the initialisation
@@ -231,11 +237,17 @@ def study(name: str, ds, weight_decay: float, cv: bool, seed: int = 0) -> list[t
     la.prior_precision = d_layers  # ExactLLA's own per-layer prior: must give the same predictive
     mine = class_probabilities(parts["test"]["fx"], parts["test"]["init prior"], "probit")
     err = float((la(ds.x_test.double()) - mine).abs().max())
-    print(f"(ExactLLA with the per-layer init prior vs the function-space predictive: max |Δp| = {err:.2e})")
+    print(f"(ExactLLA with the per-layer init prior vs the function-space predictive: "
+          f"max |Δp| = {err:.2e})")
     if err > 1e-8:
         raise RuntimeError("the per-layer prior's predictive does not reproduce ExactLLA's")
-    labels = {"range only": f"{d_a:.3g} / ∞", "init prior": "δ_l", "range + init null": f"{d_a:.3g} / δ_l",
-              "antoran·init": f"{alpha:.3g}·δ_l", "range antoran·init + init null": f"{alpha:.3g}·δ_l / δ_l"}
+    labels = {
+        "range only": f"{d_a:.3g} / ∞",
+        "init prior": "δ_l",
+        "range + init null": f"{d_a:.3g} / δ_l",
+        "antoran·init": f"{alpha:.3g}·δ_l",
+        "range antoran·init + init null": f"{alpha:.3g}·δ_l / δ_l",
+    }
     for key, label in labels.items():
         pt = class_probabilities(parts["test"]["fx"], parts["test"][key], "probit")
         po = (class_probabilities(parts["ood"]["fx"], parts["ood"][key], "probit")
@@ -259,7 +271,10 @@ def init_only(name: str, ds, weight_decay: float, seed: int = 0) -> list[tuple]:
     d_layers, lines = init_precision(lambda: network(name, ds))
     print("init prior per tensor: " + "; ".join(lines))
     la.prior_precision = d_layers
-    return [("MAP", "∞", metrics(p_map, ds.y_test, p_map_ood)), ("init prior", "δ_l", scores(la, ds))]
+    return [
+        ("MAP", "∞", metrics(p_map, ds.y_test, p_map_ood)),
+        ("init prior", "δ_l", scores(la, ds)),
+    ]
 
 
 def main() -> None:
@@ -274,8 +289,12 @@ def main() -> None:
         ds = load(name)
         for wd in args.wd:
             print(f"\n### {name}, weight decay {wd:g} (N = {len(ds.x_train)})\n", flush=True)
-            rows = init_only(name, ds, wd) if args.init_only else study(name, ds, wd, cv=not args.no_cv)
-            print("| criterion | δ (range / null) | test NLL | ECE | OOD AUROC |\n|---|---|---|---|---|")
+            if args.init_only:
+                rows = init_only(name, ds, wd)
+            else:
+                rows = study(name, ds, wd, cv=not args.no_cv)
+            print("| criterion | δ (range / null) | test NLL | ECE | OOD AUROC |")
+            print("|---|---|---|---|---|")
             for key, d, s in rows:
                 auroc = f"{s['auroc']:.3f}" if "auroc" in s else "–"
                 print(f"| {key} | {d} | {s['nll']:.4f} | {s['ece']:.4f} | {auroc} |", flush=True)
