@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .functional import batch_size, check_finite, slice_batch, to_device
 from .projections import ProjectionSampler
-from .network_head import forward_with_penultimate
+from .network_head import forward_with_inputs, forward_with_penultimate
 from .surrogate import LastLayerSurrogate, check_surrogate_output, surrogate_features
 
 __all__ = ["FeaturePredictive", "PredictiveFeatures"]
@@ -83,15 +83,25 @@ class FeaturePredictive:
         if mode == "head" and self.residual_head is not None:
             head_name = self.residual_head.head_name
             pooled = self.residual_head.pooled
+        # a gated surrogate sharing the network's trunk: its u is read in the network's pass
+        shared = exact.shared_trunk_input if exact is not None and not pooled else None
+        u = None
         with torch.no_grad():
             if head_name is None:
                 f, psi = self.network.output(x), None
             else:
                 bias = exact.has_bias if exact is not None else self.residual_head.has_bias
-                f, psi = forward_with_penultimate(
-                    self.model, head_name, x, bias, head_is_output=exact is not None,
-                    pooled=pooled,
-                )  # fmt: skip
+                if shared is not None and head_name == exact.head_name:
+                    others = () if shared == head_name else (shared,)
+                    f, psi, inputs = forward_with_inputs(
+                        self.model, head_name, x, bias, head_is_output=True, others=others
+                    )
+                    u = inputs[0] if inputs else psi[:, : psi.shape[1] - int(bias)]
+                else:
+                    f, psi = forward_with_penultimate(
+                        self.model, head_name, x, bias, head_is_output=exact is not None,
+                        pooled=pooled,
+                    )  # fmt: skip
                 f = f.to(self.dtype).unsqueeze(-1) if f.dim() == 1 else f.to(self.dtype)
             # finiteness is checked on the covariance (B·C² values, not B·M·C): NaN/Inf propagate
             if exact is None:
@@ -101,7 +111,7 @@ class FeaturePredictive:
                 feats = PredictiveFeatures(phi)
             else:
                 learned = check_surrogate_output(
-                    exact.learned_features(x, psi), x, self.n_outputs, exact.n_learned,
+                    exact.learned_features(x, psi, u), x, self.n_outputs, exact.n_learned,
                     finite=False,
                 )
                 feats = PredictiveFeatures(learned, kron=exact.coefficients(psi))
