@@ -67,7 +67,7 @@ __all__ = [
 #: :meth:`GatedSurrogate.distil`: the ranks tried (the largest is the buffers' size), the most
 #: inputs read (and, of those, checked), and the largest relative change of the learned kernel
 #: accepted.
-DISTIL_RANKS = (8, 16, 32, 64)
+DISTIL_RANKS = (8, 16, 24, 32, 40, 48, 56, 64)
 DISTIL_MAX_RANK = DISTIL_RANKS[-1]
 DISTIL_MAX_INPUTS, DISTIL_CHECK_INPUTS = 4096, 256
 DISTIL_TOLERANCE = 0.01
