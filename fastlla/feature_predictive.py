@@ -17,10 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .functional import batch_size, check_finite, slice_batch, to_device
+from .functional import batch_size, call_module, check_finite, slice_batch, to_device
 from .projections import ProjectionSampler
 from .network_head import forward_with_inputs, forward_with_penultimate
-from .surrogate import LastLayerSurrogate, check_surrogate_output, surrogate_features
+from .surrogate import (
+    GatedSurrogate,
+    LastLayerSurrogate,
+    check_surrogate_output,
+    surrogate_features,
+)
 
 __all__ = ["FeaturePredictive", "PredictiveFeatures"]
 
@@ -32,12 +37,15 @@ class PredictiveFeatures:
     ``phi``: the features ``g(x)`` (B, M, C) — only the ``m`` learned ones when ``kron`` is set;
     ``kron``: ``a = Uᵀψ(x)`` (B, k), the exact last-layer features ``a ⊗ I_C`` in factored form;
     ``residual``: the residual prior block ``κ(x,x) − g(x)ᵀg(x)`` (B, C, C), only its diagonal
-    (B, C) when asked for, or ``None``.
+    (B, C) when asked for, or ``None``; ``whitened``: ``phi`` holds the learned features
+    whitened by the posterior, ``L_ll⁻¹ g`` (:meth:`FeaturePosterior.variance
+    <fastlla.posterior.FeaturePosterior.variance>`).
     """
 
     phi: Tensor
     kron: Tensor | None = None
     residual: Tensor | None = None
+    whitened: bool = False
 
 
 def _checked_covariance(cov: Tensor, features: PredictiveFeatures) -> Tensor:
@@ -71,11 +79,15 @@ class FeaturePredictive:
         return mode or False
 
     def _outputs_and_features(
-        self, x: Any, diagonal_residual: bool = False
+        self, x: Any, diagonal_residual: bool = False, whiten: tuple | None = None
     ) -> tuple[Tensor, PredictiveFeatures]:
         """``f(x)`` and :class:`PredictiveFeatures` (the residual block's diagonal only with
         ``diagonal_residual``); the network runs once, also yielding ``ψ(x)`` for the exact
-        last-layer block and the residual head."""
+        last-layer block and the residual head (and a shared trunk's output). ``whiten``
+        ``(δ, s)``: where the learned features are a distilled gated surrogate's and the
+        residual needs no features, they come whitened by the posterior at ``(δ, s)``
+        (:meth:`GatedSurrogate.whitened_features
+        <fastlla.surrogate.GatedSurrogate.whitened_features>`), for the variances."""
         mode = self.residual_mode
         exact = self.surrogate if isinstance(self.surrogate, LastLayerSurrogate) else None
         head_name = exact.head_name if exact is not None else None
@@ -110,11 +122,24 @@ class FeaturePredictive:
                 )
                 feats = PredictiveFeatures(phi)
             else:
+                gated = exact.learned if isinstance(exact.learned, GatedSurrogate) else None
+                whitened = whiten is not None and mode != "jvp" and gated is not None
+                if whitened and gated.distilled:
+                    if u is None:
+                        u = call_module(gated._trunk_output, x)
+                    inv_t = self.posterior.kron_variance_factors(
+                        *whiten, exact.n_learned, self.n_outputs
+                    )[1]
+                    phi = psi[:, : psi.shape[1] - int(exact.has_bias)]
+                    learned = gated.whitened_features(phi, u, inv_t)
+                else:
+                    whitened, learned = False, exact.learned_features(x, psi, u)
                 learned = check_surrogate_output(
-                    exact.learned_features(x, psi, u), x, self.n_outputs, exact.n_learned,
-                    finite=False,
+                    learned, x, self.n_outputs, exact.n_learned, finite=False
                 )
-                feats = PredictiveFeatures(learned, kron=exact.coefficients(psi))
+                feats = PredictiveFeatures(
+                    learned, kron=exact.coefficients(psi), whitened=whitened
+                )
             if mode:
                 feats.residual = self._residual_block(
                     x, feats.phi, mode, psi=psi, diagonal=diagonal_residual
@@ -160,8 +185,8 @@ class FeaturePredictive:
         return torch.cat([features.phi, exact], dim=1)
 
     def _outputs_and_variance(self, x: Any, delta: Any, scale: float) -> tuple[Tensor, Tensor]:
-        f, feats = self._outputs_and_features(x, diagonal_residual=True)
-        var = self.posterior.variance(feats.phi, delta, scale, feats.kron)
+        f, feats = self._outputs_and_features(x, diagonal_residual=True, whiten=(delta, scale))
+        var = self.posterior.variance(feats.phi, delta, scale, feats.kron, feats.whitened)
         if feats.residual is not None:
             var = var + feats.residual.to(var.dtype) / delta
         return f, _checked_covariance(var, feats)

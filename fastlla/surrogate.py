@@ -362,6 +362,7 @@ class GatedSurrogate(nn.Module):
         self.register_buffer("distilled_basis", torch.zeros(h * n_features, DISTIL_MAX_RANK))
         self.register_buffer("distilled_coef", torch.zeros(DISTIL_MAX_RANK, n_maps))
         self.register_buffer("distilled_offset", torch.zeros(DISTIL_MAX_RANK))
+        self._whitened_map: tuple | None = None  # (key, mean, basis) of whitened_features
         w = head.weight
         self.to(device=w.device, dtype=compute_dtype(w.dtype))
 
@@ -375,10 +376,7 @@ class GatedSurrogate(nn.Module):
         once distilled (:meth:`distil`), its rank-``r`` form ``H̄ + B (A r(u) + a)``."""
         r = self._rank  # a Python int (mirrors the buffer): no data-dependent branch to trace
         if r:
-            coef, n_in = self.distilled_coef[:r], u.shape[1]
-            a = torch.addmm(self.distilled_offset[:r], u, coef[:, :n_in].mT)
-            if self.mlp is not None:
-                a = a.addmm_(self.mlp[1](self.mlp[0](u)), coef[:, n_in:].mT)
+            a = self._distilled_coefficients(u)
             H = torch.addmm(self.distilled_mean, a, self.distilled_basis[:, :r].mT)
         elif self.mlp is None:
             H = self.linear(u)
@@ -387,6 +385,43 @@ class GatedSurrogate(nn.Module):
             H = torch.addmm(self.linear.bias + last.bias, u, self.linear.weight.mT)
             H = H.addmm_(act(first(u)), last.weight.mT)
         return H.view(u.shape[0], self.hidden, self.n_features)
+
+    def _distilled_coefficients(self, u: Tensor) -> Tensor:
+        """``A r(u) + a`` (B, r): the coordinates of ``vec H − H̄`` in the distilled basis."""
+        r = self._rank
+        coef, n_in = self.distilled_coef[:r], u.shape[1]
+        a = torch.addmm(self.distilled_offset[:r], u, coef[:, :n_in].mT)
+        if self.mlp is not None:
+            a = a.addmm_(self.mlp[1](self.mlp[0](u)), coef[:, n_in:].mT)
+        return a
+
+    @torch.no_grad()
+    def whitened_features(self, phi: Tensor, u: Tensor, inv_t: Tensor) -> Tensor:
+        """``L⁻¹ g`` (B, M, C) for ``inv_t = L⁻ᵀ`` (M, M), ``g`` the features of :meth:`features_from`
+        (no gradient): the whitening of the posterior's predictive variance
+        (:meth:`FeaturePosterior.variance <fastlla.posterior.FeaturePosterior.variance>`,
+        ``whitened=True``) folded into the distilled map — ``H L⁻ᵀ = H̄ L⁻ᵀ + Σ_r a_r B_r L⁻ᵀ``,
+        its mean and basis whitened once per ``inv_t`` and map (cached) — so the whitened
+        features cost what ``g`` costs. Needs a distilled map (:meth:`distil`); ``ValueError``
+        otherwise."""
+        r = self._rank
+        if not r:
+            raise ValueError("fastlla: whitened features need a distilled map to H (distil)")
+        u = u.reshape(u.shape[0], -1).to(self.output_scale.dtype)
+        key = (inv_t, self.distilled_basis, self.distilled_basis._version, self.distilled_mean,
+               self.distilled_mean._version, r)  # fmt: skip
+        cached = self._whitened_map  # a local read first: threads may each fill the cache
+        if cached is None or not all(
+            a is b if isinstance(a, Tensor) else a == b for a, b in zip(cached[0], key)
+        ):
+            h, M = self.hidden, self.n_features
+            basis = self.distilled_basis[:, :r].reshape(h, M, r)
+            basis = torch.einsum("jmr,mi->jir", basis, inv_t).reshape(h * M, r)
+            mean = (self.distilled_mean.view(h, M) @ inv_t).reshape(h * M)
+            cached = self._whitened_map = (key, mean, basis.mT.contiguous())
+        _, mean, basis_t = cached
+        H = torch.addmm(mean, self._distilled_coefficients(u), basis_t)
+        return self._gated(H.view(u.shape[0], self.hidden, self.n_features), phi)
 
     def _map_inputs(self, u: Tensor) -> Tensor:
         """``r(u) = [u; ReLU(first(u))]`` (B, n_in + width): ``H`` is affine in it."""
@@ -419,6 +454,11 @@ class GatedSurrogate(nn.Module):
             missing_keys[:] = [k for k in missing_keys if k not in {prefix + a for a in absent}]
             self.undistil()
         self._rank = int(self.distilled_rank)
+
+    @property
+    def distilled(self) -> bool:
+        """Whether the distilled map to ``H`` is in use (:meth:`distil`)."""
+        return self._rank > 0
 
     def undistil(self) -> None:
         """Back to the trained map to ``H`` (what kernel matching trains)."""

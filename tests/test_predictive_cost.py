@@ -329,3 +329,57 @@ def test_a_shared_trunk_is_an_untrained_copy_read_in_the_networks_pass(gated):
     want = probit(f, var)
     tol = eps_tolerance(torch.float64, la.n_features, float(torch.linalg.cond(A)))
     torch.testing.assert_close(probs, want, rtol=tol, atol=tol)
+
+
+def test_whitened_distilled_features_give_the_variances_of_the_dense_features():
+    """With a distilled map the variances come from features whitened inside the map
+    (``whitened_features``): equal to the diagonal of the full covariance (features not
+    whitened) and of the dense ``Φᵀ A⁻¹ Φ`` solved in float64, also after the prior precision
+    changes and after the map is distilled again in place (the cached whitened map follows)."""
+    model, s = low_rank_gated(3)
+    X = torch.cat(input_batches())
+    batches = [(X[i : i + 50], model(X[i : i + 50]).argmax(-1)) for i in range(0, 400, 50)]
+    la = fastlla.ScaLLA(model, "classification", n_features=12, head_width=16, seed=3)
+    train = la._train_surrogate
+
+    def low_rank(*args, **kwargs):
+        learned = la.surrogate.learned
+        with torch.no_grad():
+            learned.linear.weight.copy_(s.linear.weight)
+            learned.mlp[2].weight.copy_(s.mlp[2].weight)
+            learned.mlp[2].weight.requires_grad_(False)
+            learned.linear.weight.requires_grad_(False)
+        return train(*args, **kwargs)
+
+    la._train_surrogate = low_rank
+    la.fit(batches, iterations=2, progress_bar=False)
+    learned = la.surrogate.learned
+    assert learned.distilled
+    x = X[:9] + 0.3
+
+    def check():
+        delta, scale = la._delta(), la.data_scale
+        _, feats = la._outputs_and_features(x, diagonal_residual=True, whiten=(delta, scale))
+        assert feats.whitened
+        _, var = la.predictive_distribution(x, diagonal_output=True)
+        _, cov = la.predictive_distribution(x)
+        with torch.no_grad():
+            phi = la._surrogate_features(x).double()
+        A = la.posterior.precision(delta, scale)
+        dense = torch.diagonal(phi.mT @ torch.linalg.solve(A, phi), dim1=1, dim2=2)
+        with torch.no_grad():
+            dense = dense + la.residual_head(x).square().sum(-1) / delta
+        tol = eps_tolerance(torch.float64, la.n_features, float(torch.linalg.cond(A)))
+        scale_ = float(dense.max())
+        torch.testing.assert_close(var, torch.diagonal(cov, dim1=1, dim2=2), rtol=tol, atol=tol * scale_)
+        torch.testing.assert_close(var, dense, rtol=tol, atol=tol * scale_)
+        return var
+
+    first = check()
+    la.prior_precision = 7.0
+    assert not torch.allclose(check(), first)
+    before = learned._whitened_map[1].clone()
+    with torch.no_grad():  # distilled again in place on other inputs: other buffers
+        learned.distil([b * 2 for b in input_batches(seed=11)])
+    check()
+    assert not torch.equal(learned._whitened_map[1], before)

@@ -4,7 +4,8 @@ distilled map to ``H`` against the trained one (one fit, so at equal fit time).
 ``--network cnn`` (default): the digits CNN of every fidelity run; ``wide``: the wider CNN of
 ``fit_to_fidelity.py`` (channels (32, 64), 128 hidden units). One thread. The default ScaLLA is
 fitted with ``iterations="auto"`` and ``--budget`` seconds (or loaded from ``--state``, a
-``state_dict`` saved by ``--save``); its kernel error (``kernel_fidelity``, ``method="exact"``)
+``state_dict`` saved by ``--save``; ``--redistil`` distils its map again with this version's
+``distil``); its kernel error (``kernel_fidelity``, ``method="exact"``)
 is read on 200 test digits and on three shifted sets (flipped, Gaussian noise, ×3) with the
 distilled map and with the trained one. ``--shared`` also fits (or loads, ``--shared-state``)
 the same surrogate with ``shared_trunk=True`` (its trunk is the network's own, untrained, read
@@ -35,13 +36,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fit_to_fidelity import NETWORKS, network  # noqa: E402
 
 
-def fitted(model, train, budget: float, state: str | None, save: str | None, surrogate=None):
-    """A ScaLLA (the default, or with ``surrogate``) loaded from ``state`` or fitted for
-    ``budget`` seconds (then saved to ``save``)."""
+def fitted(model, train, budget: float, state: str | None, save: str | None, surrogate=None,
+           redistil: bool = False):  # fmt: skip
+    """A ScaLLA (the default, or with ``surrogate``) loaded from ``state`` (``redistil``: its
+    map to ``H`` distilled again by this version's ``distil`` on the training inputs, the
+    posterior refitted) or fitted for ``budget`` seconds (then saved to ``save``)."""
     la = fastlla.ScaLLA(model, "classification", surrogate=surrogate)
     if state:
         la.load_state_dict(torch.load(state))
         print(f"loaded {state}: settings {la.settings}")
+        learned = getattr(la.surrogate, "learned", None)
+        if redistil and hasattr(learned, "distil"):
+            learned.distil(x for x, _ in train)
+            la.fit(train, iterations=0, progress_bar=False)
+            print(f"distilled again: rank {int(learned.distilled_rank)}")
         return la
     t0 = time.perf_counter()
     la.fit(train, iterations="auto", time_budget=budget, progress_bar=False)
@@ -72,6 +80,8 @@ def main(argv=None) -> None:
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     parser.add_argument("--state", help="load the default fit from this state_dict file")
     parser.add_argument("--save", help="save the default fit's state_dict to this file")
+    parser.add_argument("--redistil", action="store_true",
+                        help="distil the loaded fits' maps again (this version) and refit")
     parser.add_argument("--shared", action="store_true", help="also the shared-trunk surrogate")
     parser.add_argument("--shared-state", help="load the shared-trunk fit from this file")
     parser.add_argument("--shared-save", help="save the shared-trunk fit to this file")
@@ -79,7 +89,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     ds, model, _ = network(args.network, n_probe=10)
     train = ds.loader("train", 32, shuffle=True, seed=0)
-    la = fitted(model, train, args.budget, args.state, args.save)
+    la = fitted(model, train, args.budget, args.state, args.save, redistil=args.redistil)
     learned = getattr(la.surrogate, "learned", None)
     rank = int(learned.distilled_rank) if hasattr(learned, "distilled_rank") else None
     print(f"distilled rank {rank}, M {la.n_features}")
@@ -101,7 +111,7 @@ def main(argv=None) -> None:
     shared = None
     if args.shared:
         shared = fitted(model, train, args.budget, args.shared_state, args.shared_save,
-                        shared_surrogate(la, model))  # fmt: skip
+                        shared_surrogate(la, model), args.redistil)  # fmt: skip
         print("kernel error, shared trunk:", errors(shared))
     plain = fastlla.ScaLLA(model, "classification", gate=False, last_layer=False,
                            residual_variance=False)  # fmt: skip
