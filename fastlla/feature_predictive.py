@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .functional import batch_size, call_module, check_finite, slice_batch, to_device
+from .functional import batch_size, check_finite, slice_batch, to_device
 from .projections import ProjectionSampler
 from .network_head import forward_with_inputs, forward_with_penultimate
 from .surrogate import (
-    GatedSurrogate,
     LastLayerSurrogate,
     check_surrogate_output,
     surrogate_features,
@@ -84,10 +83,10 @@ class FeaturePredictive:
         """``f(x)`` and :class:`PredictiveFeatures` (the residual block's diagonal only with
         ``diagonal_residual``); the network runs once, also yielding ``ψ(x)`` for the exact
         last-layer block and the residual head (and a shared trunk's output). ``whiten``
-        ``(δ, s)``: where the learned features are a distilled gated surrogate's and the
-        residual needs no features, they come whitened by the posterior at ``(δ, s)``
-        (:meth:`GatedSurrogate.whitened_features
-        <fastlla.surrogate.GatedSurrogate.whitened_features>`), for the variances."""
+        ``(δ, s)``: where the exact block's learned features can be whitened inside their last
+        map (:attr:`LastLayerSurrogate.whitens <fastlla.surrogate.LastLayerSurrogate.whitens>`)
+        and the residual needs no features, they come whitened by the posterior at ``(δ, s)``,
+        for the variances."""
         mode = self.residual_mode
         exact = self.surrogate if isinstance(self.surrogate, LastLayerSurrogate) else None
         head_name = exact.head_name if exact is not None else None
@@ -122,18 +121,14 @@ class FeaturePredictive:
                 )
                 feats = PredictiveFeatures(phi)
             else:
-                gated = exact.learned if isinstance(exact.learned, GatedSurrogate) else None
-                whitened = whiten is not None and mode != "jvp" and gated is not None
-                if whitened and gated.distilled:
-                    if u is None:
-                        u = call_module(gated._trunk_output, x)
+                whitened = whiten is not None and mode != "jvp" and exact.whitens
+                if whitened:
                     inv_t = self.posterior.kron_variance_factors(
                         *whiten, exact.n_learned, self.n_outputs
                     )[1]
-                    phi = psi[:, : psi.shape[1] - int(exact.has_bias)]
-                    learned = gated.whitened_features(phi, u, inv_t)
+                    learned = exact.whitened_learned_features(x, psi, u, inv_t)
                 else:
-                    whitened, learned = False, exact.learned_features(x, psi, u)
+                    learned = exact.learned_features(x, psi, u)
                 learned = check_surrogate_output(
                     learned, x, self.n_outputs, exact.n_learned, finite=False
                 )

@@ -73,6 +73,11 @@ DISTIL_MAX_INPUTS, DISTIL_CHECK_INPUTS = 4096, 256
 DISTIL_TOLERANCE = 0.01
 
 
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Whether two cache keys hold the same tensors (identity) and equal other values."""
+    return all(u is v if isinstance(u, Tensor) else u == v for u, v in zip(a, b, strict=True))
+
+
 def seeded_linear(n_in: int, n_out: int, generator: torch.Generator | None = None) -> nn.Linear:
     """``nn.Linear(n_in, n_out)`` with PyTorch's default initialisation drawn from ``generator``
     (a CPU generator), leaving the global RNG untouched; ``None``: a plain ``nn.Linear``, which
@@ -139,11 +144,40 @@ class Surrogate(nn.Module):
             )
         )
         self.register_buffer("output_scale", torch.tensor(1.0))
+        self._whitened_head: tuple | None = None  # (key, weight, bias) of whitened_features
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.features_from(self._trunk_output(*args, **kwargs))
+
+    def _trunk_output(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The trunk's output on the inputs."""
         if not isinstance(self.trunk, NetworkInput):  # the network's own reads them as given
             args, kwargs = cast_inputs(args, kwargs, self.output_scale.dtype)  # half networks
-        return self.features_from(self.trunk(*args, **kwargs))
+        return self.trunk(*args, **kwargs)
+
+    @torch.no_grad()
+    def whitened_features(self, h: Tensor, inv_t: Tensor) -> Tensor:
+        """``L⁻¹ g`` (B, M, C, laid out class-major) from the trunk's output ``h`` for
+        ``inv_t = L⁻ᵀ`` (M, M), no gradient: the whitening of the posterior's predictive
+        variance folded into the head's last layer (its weights and bias whitened once per
+        ``inv_t`` and layer, cached), so the whitened features cost what ``g`` costs
+        (:meth:`FeaturePosterior.variance <fastlla.posterior.FeaturePosterior.variance>`,
+        ``whitened=True``)."""
+        h = h.reshape(h.shape[0], -1).to(self.output_scale.dtype)
+        last = self.head if isinstance(self.head, nn.Linear) else self.head[-1]
+        if not isinstance(self.head, nn.Linear):
+            h = self.head[:-1](h)
+        key = (inv_t, last.weight, last.weight._version, last.bias, last.bias._version)
+        cached = self._whitened_head  # a local read first: threads may each fill the cache
+        if cached is None or not _same_key(cached[0], key):
+            M, C = self.n_features, self.n_outputs
+            inv = inv_t.mT
+            weight = torch.einsum("im,mcw->ciw", inv, last.weight.view(M, C, -1))
+            bias = torch.einsum("im,mc->ci", inv, last.bias.view(M, C))
+            cached = self._whitened_head = (key, weight.reshape(C * M, -1).mT, bias.reshape(-1))
+        _, weight_t, bias = cached
+        out = torch.addmm(bias, h, weight_t) * self.output_scale
+        return out.view(h.shape[0], self.n_outputs, self.n_features).mT
 
     def features_from(self, h: Tensor) -> Tensor:
         """``g`` (B, M, C) from the trunk's output ``h`` (B, ...)."""
@@ -240,6 +274,29 @@ class LastLayerSurrogate(nn.Module):
         if u is not None and isinstance(self.learned, Surrogate):
             return self.learned.features_from(u)
         return call_module(self.learned, x)
+
+    @property
+    def whitens(self) -> bool:
+        """Whether :meth:`whitened_learned_features` applies: learned features of a
+        :class:`Surrogate`, or of a :class:`GatedSurrogate` with a distilled map."""
+        learned = self.learned
+        return isinstance(learned, Surrogate) or (
+            isinstance(learned, GatedSurrogate) and learned.distilled
+        )
+
+    def whitened_learned_features(
+        self, x: Any, psi: Tensor, u: Tensor | None, inv_t: Tensor
+    ) -> Tensor:
+        """The learned features whitened by the posterior, ``L⁻¹ g`` (B, M, C) for
+        ``inv_t = L⁻ᵀ``, computed as cheaply as ``g`` (the whitening folded into the last map:
+        :meth:`Surrogate.whitened_features`, :meth:`GatedSurrogate.whitened_features`); ``u``
+        the trunk's output when read already (a shared trunk). Needs :attr:`whitens`."""
+        learned = self.learned
+        if u is None:
+            u = call_module(learned._trunk_output, x)
+        if isinstance(learned, GatedSurrogate):
+            return learned.whitened_features(psi[:, : psi.shape[1] - int(self.has_bias)], u, inv_t)
+        return learned.whitened_features(u, inv_t)
 
     @property
     def shared_trunk_input(self) -> str | None:
@@ -411,9 +468,7 @@ class GatedSurrogate(nn.Module):
         key = (inv_t, self.distilled_basis, self.distilled_basis._version, self.distilled_mean,
                self.distilled_mean._version, r)  # fmt: skip
         cached = self._whitened_map  # a local read first: threads may each fill the cache
-        if cached is None or not all(
-            a is b if isinstance(a, Tensor) else a == b for a, b in zip(cached[0], key)
-        ):
+        if cached is None or not _same_key(cached[0], key):
             h, M = self.hidden, self.n_features
             basis = self.distilled_basis[:, :r].reshape(h, M, r)
             basis = torch.einsum("jmr,mi->jir", basis, inv_t).reshape(h * M, r)

@@ -331,15 +331,17 @@ def test_a_shared_trunk_is_an_untrained_copy_read_in_the_networks_pass(gated):
     torch.testing.assert_close(probs, want, rtol=tol, atol=tol)
 
 
-def test_whitened_distilled_features_give_the_variances_of_the_dense_features():
-    """With a distilled map the variances come from features whitened inside the map
-    (``whitened_features``): equal to the diagonal of the full covariance (features not
-    whitened) and of the dense ``Φᵀ A⁻¹ Φ`` solved in float64, also after the prior precision
-    changes and after the map is distilled again in place (the cached whitened map follows)."""
+@pytest.mark.parametrize("kind", ["distilled", "plain"])
+def test_whitened_features_give_the_variances_of_the_dense_features(kind):
+    """The variances come from features whitened inside the last map (the distilled gated map,
+    or a plain surrogate's last layer): equal to the diagonal of the full covariance (features
+    not whitened) and of the dense ``Φᵀ A⁻¹ Φ`` solved in float64, also after the prior
+    precision changes and after the map changes in place (the cached whitened map follows)."""
     model, s = low_rank_gated(3)
     X = torch.cat(input_batches())
     batches = [(X[i : i + 50], model(X[i : i + 50]).argmax(-1)) for i in range(0, 400, 50)]
-    la = fastlla.ScaLLA(model, "classification", n_features=12, head_width=16, seed=3)
+    gated = kind == "distilled"
+    la = fastlla.ScaLLA(model, "classification", n_features=12, head_width=16, seed=3, gate=gated)
     train = la._train_surrogate
 
     def low_rank(*args, **kwargs):
@@ -351,10 +353,11 @@ def test_whitened_distilled_features_give_the_variances_of_the_dense_features():
             learned.linear.weight.requires_grad_(False)
         return train(*args, **kwargs)
 
-    la._train_surrogate = low_rank
+    if gated:
+        la._train_surrogate = low_rank
     la.fit(batches, iterations=2, progress_bar=False)
     learned = la.surrogate.learned
-    assert learned.distilled
+    assert la.surrogate.whitens and (learned.distilled if gated else la.gate_used is False)
     x = X[:9] + 0.3
 
     def check():
@@ -365,21 +368,25 @@ def test_whitened_distilled_features_give_the_variances_of_the_dense_features():
         _, cov = la.predictive_distribution(x)
         with torch.no_grad():
             phi = la._surrogate_features(x).double()
+            residual = la.residual_head(x).square().sum(-1) / delta
         A = la.posterior.precision(delta, scale)
-        dense = torch.diagonal(phi.mT @ torch.linalg.solve(A, phi), dim1=1, dim2=2)
-        with torch.no_grad():
-            dense = dense + la.residual_head(x).square().sum(-1) / delta
+        dense = torch.diagonal(phi.mT @ torch.linalg.solve(A, phi), dim1=1, dim2=2) + residual
         tol = eps_tolerance(torch.float64, la.n_features, float(torch.linalg.cond(A)))
-        scale_ = float(dense.max())
-        torch.testing.assert_close(var, torch.diagonal(cov, dim1=1, dim2=2), rtol=tol, atol=tol * scale_)
-        torch.testing.assert_close(var, dense, rtol=tol, atol=tol * scale_)
+        atol = tol * float(dense.max())
+        torch.testing.assert_close(var, torch.diagonal(cov, dim1=1, dim2=2), rtol=tol, atol=atol)
+        torch.testing.assert_close(var, dense, rtol=tol, atol=atol)
         return var
 
     first = check()
     la.prior_precision = 7.0
     assert not torch.allclose(check(), first)
-    before = learned._whitened_map[1].clone()
-    with torch.no_grad():  # distilled again in place on other inputs: other buffers
-        learned.distil([b * 2 for b in input_batches(seed=11)])
+    cache = learned._whitened_map if gated else learned._whitened_head
+    before = cache[1].clone()
+    with torch.no_grad():  # the map changed in place: distilled again on other inputs, or scaled
+        if gated:
+            learned.distil([b * 2 for b in input_batches(seed=11)])
+        else:
+            learned.head[-1].weight.mul_(1.5)
     check()
-    assert not torch.equal(learned._whitened_map[1], before)
+    cache = learned._whitened_map if gated else learned._whitened_head
+    assert not torch.equal(cache[1], before)
