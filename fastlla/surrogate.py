@@ -303,7 +303,7 @@ class LastLayerSurrogate(nn.Module):
         """The network module whose input is the learned features' trunk output when that is
         the network's own (a :class:`NetworkInput`, ``shared_trunk``), else ``None``."""
         trunk = getattr(self.learned, "trunk", None)
-        if isinstance(trunk, NetworkInput) and isinstance(self.learned, (Surrogate, GatedSurrogate)):
+        if isinstance(trunk, NetworkInput):
             return trunk.name
         return None
 
@@ -454,8 +454,8 @@ class GatedSurrogate(nn.Module):
 
     @torch.no_grad()
     def whitened_features(self, phi: Tensor, u: Tensor, inv_t: Tensor) -> Tensor:
-        """``L⁻¹ g`` (B, M, C) for ``inv_t = L⁻ᵀ`` (M, M), ``g`` the features of :meth:`features_from`
-        (no gradient): the whitening of the posterior's predictive variance
+        """``L⁻¹ g`` (B, M, C) for ``inv_t = L⁻ᵀ`` (M, M), ``g`` the features of
+        :meth:`features_from` (no gradient): the whitening of the posterior's predictive variance
         (:meth:`FeaturePosterior.variance <fastlla.posterior.FeaturePosterior.variance>`,
         ``whitened=True``) folded into the distilled map — ``H L⁻ᵀ = H̄ L⁻ᵀ + Σ_r a_r B_r L⁻ᵀ``,
         its mean and basis whitened once per ``inv_t`` and map (cached) — so the whitened
