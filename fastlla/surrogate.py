@@ -278,10 +278,11 @@ class LastLayerSurrogate(nn.Module):
     @property
     def whitens(self) -> bool:
         """Whether :meth:`whitened_learned_features` applies: learned features of a
-        :class:`Surrogate`, or of a :class:`GatedSurrogate` with a distilled map."""
+        :class:`Surrogate`, or of a :class:`GatedSurrogate` with a distilled map (those classes
+        themselves: a subclass may compute its features otherwise)."""
         learned = self.learned
-        return isinstance(learned, Surrogate) or (
-            isinstance(learned, GatedSurrogate) and learned.distilled
+        return type(learned) is Surrogate or (
+            type(learned) is GatedSurrogate and learned.distilled
         )
 
     def whitened_learned_features(
