@@ -19,8 +19,12 @@ from torch import Tensor
 
 from .functional import batch_size, check_finite, slice_batch, to_device
 from .projections import ProjectionSampler
-from .network_head import forward_with_penultimate
-from .surrogate import LastLayerSurrogate, check_surrogate_output, surrogate_features
+from .network_head import forward_with_inputs, forward_with_penultimate
+from .surrogate import (
+    LastLayerSurrogate,
+    check_surrogate_output,
+    surrogate_features,
+)
 
 __all__ = ["FeaturePredictive", "PredictiveFeatures"]
 
@@ -32,12 +36,15 @@ class PredictiveFeatures:
     ``phi``: the features ``g(x)`` (B, M, C) — only the ``m`` learned ones when ``kron`` is set;
     ``kron``: ``a = Uᵀψ(x)`` (B, k), the exact last-layer features ``a ⊗ I_C`` in factored form;
     ``residual``: the residual prior block ``κ(x,x) − g(x)ᵀg(x)`` (B, C, C), only its diagonal
-    (B, C) when asked for, or ``None``.
+    (B, C) when asked for, or ``None``; ``whitened``: ``phi`` holds the learned features
+    whitened by the posterior, ``L_ll⁻¹ g`` (:meth:`FeaturePosterior.variance
+    <fastlla.posterior.FeaturePosterior.variance>`).
     """
 
     phi: Tensor
     kron: Tensor | None = None
     residual: Tensor | None = None
+    whitened: bool = False
 
 
 def _checked_covariance(cov: Tensor, features: PredictiveFeatures) -> Tensor:
@@ -71,11 +78,15 @@ class FeaturePredictive:
         return mode or False
 
     def _outputs_and_features(
-        self, x: Any, diagonal_residual: bool = False
+        self, x: Any, diagonal_residual: bool = False, whiten: tuple | None = None
     ) -> tuple[Tensor, PredictiveFeatures]:
         """``f(x)`` and :class:`PredictiveFeatures` (the residual block's diagonal only with
         ``diagonal_residual``); the network runs once, also yielding ``ψ(x)`` for the exact
-        last-layer block and the residual head."""
+        last-layer block and the residual head (and a shared trunk's output). ``whiten``
+        ``(δ, s)``: where the exact block's learned features can be whitened inside their last
+        map (:attr:`LastLayerSurrogate.whitens <fastlla.surrogate.LastLayerSurrogate.whitens>`)
+        and the residual needs no features, they come whitened by the posterior at ``(δ, s)``,
+        for the variances."""
         mode = self.residual_mode
         exact = self.surrogate if isinstance(self.surrogate, LastLayerSurrogate) else None
         head_name = exact.head_name if exact is not None else None
@@ -83,15 +94,25 @@ class FeaturePredictive:
         if mode == "head" and self.residual_head is not None:
             head_name = self.residual_head.head_name
             pooled = self.residual_head.pooled
+        # a gated surrogate sharing the network's trunk: its u is read in the network's pass
+        shared = exact.shared_trunk_input if exact is not None and not pooled else None
+        u = None
         with torch.no_grad():
             if head_name is None:
                 f, psi = self.network.output(x), None
             else:
                 bias = exact.has_bias if exact is not None else self.residual_head.has_bias
-                f, psi = forward_with_penultimate(
-                    self.model, head_name, x, bias, head_is_output=exact is not None,
-                    pooled=pooled,
-                )  # fmt: skip
+                if shared is not None and head_name == exact.head_name:
+                    others = () if shared == head_name else (shared,)
+                    f, psi, inputs = forward_with_inputs(
+                        self.model, head_name, x, bias, head_is_output=True, others=others
+                    )
+                    u = inputs[0] if inputs else psi[:, : psi.shape[1] - int(bias)]
+                else:
+                    f, psi = forward_with_penultimate(
+                        self.model, head_name, x, bias, head_is_output=exact is not None,
+                        pooled=pooled,
+                    )  # fmt: skip
                 f = f.to(self.dtype).unsqueeze(-1) if f.dim() == 1 else f.to(self.dtype)
             # finiteness is checked on the covariance (B·C² values, not B·M·C): NaN/Inf propagate
             if exact is None:
@@ -100,11 +121,20 @@ class FeaturePredictive:
                 )
                 feats = PredictiveFeatures(phi)
             else:
+                whitened = whiten is not None and mode != "jvp" and exact.whitens
+                if whitened:
+                    inv_t = self.posterior.kron_variance_factors(
+                        *whiten, exact.n_learned, self.n_outputs
+                    )[1]
+                    learned = exact.whitened_learned_features(x, psi, u, inv_t)
+                else:
+                    learned = exact.learned_features(x, psi, u)
                 learned = check_surrogate_output(
-                    exact.learned_features(x, psi), x, self.n_outputs, exact.n_learned,
-                    finite=False,
+                    learned, x, self.n_outputs, exact.n_learned, finite=False
                 )
-                feats = PredictiveFeatures(learned, kron=exact.coefficients(psi))
+                feats = PredictiveFeatures(
+                    learned, kron=exact.coefficients(psi), whitened=whitened
+                )
             if mode:
                 feats.residual = self._residual_block(
                     x, feats.phi, mode, psi=psi, diagonal=diagonal_residual
@@ -150,8 +180,8 @@ class FeaturePredictive:
         return torch.cat([features.phi, exact], dim=1)
 
     def _outputs_and_variance(self, x: Any, delta: Any, scale: float) -> tuple[Tensor, Tensor]:
-        f, feats = self._outputs_and_features(x, diagonal_residual=True)
-        var = self.posterior.variance(feats.phi, delta, scale, feats.kron)
+        f, feats = self._outputs_and_features(x, diagonal_residual=True, whiten=(delta, scale))
+        var = self.posterior.variance(feats.phi, delta, scale, feats.kron, feats.whitened)
         if feats.residual is not None:
             var = var + feats.residual.to(var.dtype) / delta
         return f, _checked_covariance(var, feats)

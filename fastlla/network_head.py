@@ -28,6 +28,7 @@ __all__ = [
     "penultimate",
     "without_module",
     "forward_with_penultimate",
+    "forward_with_inputs",
     "head_is_output",
     "tapped_network",
     "last_linear",
@@ -315,14 +316,27 @@ def forward_with_penultimate(
                 "last_layer=False"
             )
         return out, torch.cat([psi, psi.new_ones(psi.shape[0], 1)], dim=1) if bias else psi
-    tapped, seen = tapped_network(model, [head_name])
+    out, phi, _ = forward_with_inputs(model, head_name, x, bias, head_is_output)
+    return out, phi
+
+
+def forward_with_inputs(
+    model: nn.Module, head_name: str, x: Any, bias: bool = True, head_is_output: bool = False,
+    others: tuple[str, ...] = (),
+) -> tuple[Any, Tensor, list[Tensor]]:
+    """:func:`forward_with_penultimate` (not ``pooled``) that also reads the inputs of the
+    modules ``others`` (each flattened to (B, ·), at its last call) in the same pass: returns
+    ``(output, [φ(x); 1] or φ(x), [input of each of others])``. Raises ``ValueError`` when one
+    of them does not run."""
+    tapped, seen = tapped_network(model, [head_name, *others])
     with torch.no_grad():
         out = call_module(tapped, x)
-    if head_name not in seen:
-        raise ValueError(
-            f"fastlla: the network's forward pass did not call its module {head_name!r}, whose "
-            "input is read as the penultimate features"
-        )
+    for name in (head_name, *others):
+        if name not in seen:
+            raise ValueError(
+                f"fastlla: the network's forward pass did not call its module {name!r}, whose "
+                "input is read" + (" as the penultimate features" if name == head_name else "")
+            )
     phi, head_out = seen[head_name]
     if head_is_output and not _same_values(out, head_out):
         raise ValueError(
@@ -332,7 +346,8 @@ def forward_with_penultimate(
     phi = phi.reshape(phi.shape[0], -1)
     if bias:
         phi = torch.cat([phi, phi.new_ones(phi.shape[0], 1)], dim=1)
-    return out, phi
+    inputs = [seen[name][0].reshape(seen[name][0].shape[0], -1) for name in others]
+    return out, phi, inputs
 
 
 def head_is_output(model: nn.Module, head_name: str, x: Any) -> bool:

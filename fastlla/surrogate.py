@@ -53,6 +53,7 @@ __all__ = [
     "Surrogate",
     "LastLayerSurrogate",
     "GatedSurrogate",
+    "NetworkInput",
     "ResidualHead",
     "default_surrogate",
     "default_surrogate_size",
@@ -66,10 +67,15 @@ __all__ = [
 #: :meth:`GatedSurrogate.distil`: the ranks tried (the largest is the buffers' size), the most
 #: inputs read (and, of those, checked), and the largest relative change of the learned kernel
 #: accepted.
-DISTIL_RANKS = (8, 16, 32, 64)
+DISTIL_RANKS = (8, 16, 24, 32, 40, 48, 56, 64)
 DISTIL_MAX_RANK = DISTIL_RANKS[-1]
 DISTIL_MAX_INPUTS, DISTIL_CHECK_INPUTS = 4096, 256
 DISTIL_TOLERANCE = 0.01
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Whether two cache keys hold the same tensors (identity) and equal other values."""
+    return all(u is v if isinstance(u, Tensor) else u == v for u, v in zip(a, b, strict=True))
 
 
 def seeded_linear(n_in: int, n_out: int, generator: torch.Generator | None = None) -> nn.Linear:
@@ -88,6 +94,26 @@ def seeded_linear(n_in: int, n_out: int, generator: torch.Generator | None = Non
         bound = 1 / math.sqrt(n_in) if n_in > 0 else 0
         nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
     return layer
+
+
+class NetworkInput(nn.Module):
+    """The input of the network's own module ``name`` as the network runs, flattened to
+    ``(B, -1)``, without gradient: a surrogate trunk shared with the network (``shared_trunk``
+    of :func:`default_surrogate` and :class:`GatedSurrogate`) — nothing of it is trained, and
+    the predictive reads it from the network's pass it makes anyway
+    (:func:`~fastlla.network_head.forward_with_inputs`). The network is not a submodule (it is
+    neither trained nor saved). It reads the inputs as the network does (not cast)."""
+
+    def __init__(self, model: nn.Module, name: str):
+        super().__init__()
+        model.get_submodule(name)  # AttributeError for a module the network does not have
+        self._model = (model,)  # a tuple hides it from parameters() and state_dict()
+        self.name = name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        one = len(args) == 1 and isinstance(args[0], Tensor) and not kwargs
+        x = args[0] if one else (kwargs or args)
+        return penultimate(self._model[0], self.name, x, bias=False)
 
 
 class Surrogate(nn.Module):
@@ -118,11 +144,44 @@ class Surrogate(nn.Module):
             )
         )
         self.register_buffer("output_scale", torch.tensor(1.0))
+        self._whitened_head: tuple | None = None  # (key, weight, bias) of whitened_features
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        args, kwargs = cast_inputs(args, kwargs, self.output_scale.dtype)  # half networks
-        h = self.trunk(*args, **kwargs)
-        h = h.reshape(h.shape[0], -1)
+        return self.features_from(self._trunk_output(*args, **kwargs))
+
+    def _trunk_output(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The trunk's output on the inputs."""
+        if not isinstance(self.trunk, NetworkInput):  # the network's own reads them as given
+            args, kwargs = cast_inputs(args, kwargs, self.output_scale.dtype)  # half networks
+        return self.trunk(*args, **kwargs)
+
+    @torch.no_grad()
+    def whitened_features(self, h: Tensor, inv_t: Tensor) -> Tensor:
+        """``L⁻¹ g`` (B, M, C, laid out class-major) from the trunk's output ``h`` for
+        ``inv_t = L⁻ᵀ`` (M, M), no gradient: the whitening of the posterior's predictive
+        variance folded into the head's last layer (its weights and bias whitened once per
+        ``inv_t`` and layer, cached), so the whitened features cost what ``g`` costs
+        (:meth:`FeaturePosterior.variance <fastlla.posterior.FeaturePosterior.variance>`,
+        ``whitened=True``)."""
+        h = h.reshape(h.shape[0], -1).to(self.output_scale.dtype)
+        last = self.head if isinstance(self.head, nn.Linear) else self.head[-1]
+        if not isinstance(self.head, nn.Linear):
+            h = self.head[:-1](h)
+        key = (inv_t, last.weight, last.weight._version, last.bias, last.bias._version)
+        cached = self._whitened_head  # a local read first: threads may each fill the cache
+        if cached is None or not _same_key(cached[0], key):
+            M, C = self.n_features, self.n_outputs
+            inv = inv_t.mT
+            weight = torch.einsum("im,mcw->ciw", inv, last.weight.view(M, C, -1))
+            bias = torch.einsum("im,mc->ci", inv, last.bias.view(M, C))
+            cached = self._whitened_head = (key, weight.reshape(C * M, -1).mT, bias.reshape(-1))
+        _, weight_t, bias = cached
+        out = torch.addmm(bias, h, weight_t) * self.output_scale
+        return out.view(h.shape[0], self.n_outputs, self.n_features).mT
+
+    def features_from(self, h: Tensor) -> Tensor:
+        """``g`` (B, M, C) from the trunk's output ``h`` (B, ...)."""
+        h = h.reshape(h.shape[0], -1).to(self.output_scale.dtype)
         out = self.head(h) * self.output_scale
         return out.view(h.shape[0], self.n_features, self.n_outputs)
 
@@ -201,13 +260,53 @@ class LastLayerSurrogate(nn.Module):
         B = a.shape[0]
         return (a[:, :, None, None] * eye).reshape(B, self.rank * self.n_outputs, self.n_outputs)
 
-    def learned_features(self, x: Any, psi: Tensor) -> Tensor:
+    def learned_features(self, x: Any, psi: Tensor, u: Tensor | None = None) -> Tensor:
         """The learned features (B, M, C) of the batch ``x``, given its ``ψ(x)`` (which a
-        :class:`GatedSurrogate` reads instead of running the network again)."""
+        :class:`GatedSurrogate` reads instead of running the network again) and, for a gated
+        surrogate, optionally the output ``u`` of its trunk (with ``shared_trunk``: the
+        network's input of the gated layer, read in the same pass as ``ψ``,
+        :func:`~fastlla.network_head.forward_with_inputs`)."""
         if isinstance(self.learned, GatedSurrogate):
             phi = psi[:, : psi.shape[1] - int(self.has_bias)]
+            if u is not None:
+                return self.learned.features_from(phi, u)
             return call_module(functools.partial(self.learned.features, phi), x)
+        if u is not None and isinstance(self.learned, Surrogate):
+            return self.learned.features_from(u)
         return call_module(self.learned, x)
+
+    @property
+    def whitens(self) -> bool:
+        """Whether :meth:`whitened_learned_features` applies: learned features of a
+        :class:`Surrogate`, or of a :class:`GatedSurrogate` with a distilled map (those classes
+        themselves: a subclass may compute its features otherwise)."""
+        learned = self.learned
+        return type(learned) is Surrogate or (
+            type(learned) is GatedSurrogate and learned.distilled
+        )
+
+    def whitened_learned_features(
+        self, x: Any, psi: Tensor, u: Tensor | None, inv_t: Tensor
+    ) -> Tensor:
+        """The learned features whitened by the posterior, ``L⁻¹ g`` (B, M, C) for
+        ``inv_t = L⁻ᵀ``, computed as cheaply as ``g`` (the whitening folded into the last map:
+        :meth:`Surrogate.whitened_features`, :meth:`GatedSurrogate.whitened_features`); ``u``
+        the trunk's output when read already (a shared trunk). Needs :attr:`whitens`."""
+        learned = self.learned
+        if u is None:
+            u = call_module(learned._trunk_output, x)
+        if isinstance(learned, GatedSurrogate):
+            return learned.whitened_features(psi[:, : psi.shape[1] - int(self.has_bias)], u, inv_t)
+        return learned.whitened_features(u, inv_t)
+
+    @property
+    def shared_trunk_input(self) -> str | None:
+        """The network module whose input is the learned features' trunk output when that is
+        the network's own (a :class:`NetworkInput`, ``shared_trunk``), else ``None``."""
+        trunk = getattr(self.learned, "trunk", None)
+        if isinstance(trunk, NetworkInput):
+            return trunk.name
+        return None
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         one = len(args) == 1 and isinstance(args[0], Tensor) and not kwargs
@@ -253,7 +352,10 @@ class GatedSurrogate(nn.Module):
     ``σ'(z)`` (from the network's own activations ``φ = σ(z)``) and ``W`` are exact — from
     ``u``, the input of the layer computing ``z``: a linear map (the layer's own weights enter
     ``∂z/∂θ`` linearly in ``u``) plus an MLP of ``width`` hidden units. ``u`` comes from a
-    trainable copy of the network's trunk (warm-started).
+    trainable copy of the network's trunk (warm-started) or, with ``shared_trunk=True``, from
+    the network itself (its own input of that layer, not trained): the predictive then reads
+    ``u`` from the network's pass it makes anyway (:meth:`LastLayerSurrogate.learned_features`)
+    and runs no trunk of its own.
 
     It carries no last-layer features: use it inside :class:`LastLayerSurrogate` at full rank,
     which provides the head's block exactly (``ScaLLA(gate="auto")``; its measured gain is in
@@ -272,6 +374,7 @@ class GatedSurrogate(nn.Module):
     def __init__(
         self, model: nn.Module, n_features: int, n_outputs: int, width: int = 512,
         structure: tuple[str, str, str] | None = None, generator: torch.Generator | None = None,
+        shared_trunk: bool = False,
     ):  # fmt: skip
         super().__init__()
         structure = structure or gated_structure(model)
@@ -289,7 +392,11 @@ class GatedSurrogate(nn.Module):
         self.structure, self.head_name = tuple(structure), structure[2]
         self.activation = copy.deepcopy(act)
         self.register_buffer("head_weight", head.weight.detach().clone())
-        self.trunk = trainable_copy_without(model, structure)  # u: the input of `linear`
+        # u, the input of `linear`: from a trainable copy of the trunk, or the network's own
+        self.trunk = (
+            NetworkInput(model, structure[0]) if shared_trunk
+            else trainable_copy_without(model, structure)
+        )  # fmt: skip
         n_in, h = linear.in_features, linear.out_features
         self.n_features, self.n_outputs, self.hidden = n_features, n_outputs, h
         self.head_width = width  # the MLP's width, saved as Surrogate's head_width is
@@ -313,6 +420,7 @@ class GatedSurrogate(nn.Module):
         self.register_buffer("distilled_basis", torch.zeros(h * n_features, DISTIL_MAX_RANK))
         self.register_buffer("distilled_coef", torch.zeros(DISTIL_MAX_RANK, n_maps))
         self.register_buffer("distilled_offset", torch.zeros(DISTIL_MAX_RANK))
+        self._whitened_map: tuple | None = None  # (key, mean, basis) of whitened_features
         w = head.weight
         self.to(device=w.device, dtype=compute_dtype(w.dtype))
 
@@ -326,10 +434,7 @@ class GatedSurrogate(nn.Module):
         once distilled (:meth:`distil`), its rank-``r`` form ``H̄ + B (A r(u) + a)``."""
         r = self._rank  # a Python int (mirrors the buffer): no data-dependent branch to trace
         if r:
-            coef, n_in = self.distilled_coef[:r], u.shape[1]
-            a = torch.addmm(self.distilled_offset[:r], u, coef[:, :n_in].mT)
-            if self.mlp is not None:
-                a = a.addmm_(self.mlp[1](self.mlp[0](u)), coef[:, n_in:].mT)
+            a = self._distilled_coefficients(u)
             H = torch.addmm(self.distilled_mean, a, self.distilled_basis[:, :r].mT)
         elif self.mlp is None:
             H = self.linear(u)
@@ -338,6 +443,41 @@ class GatedSurrogate(nn.Module):
             H = torch.addmm(self.linear.bias + last.bias, u, self.linear.weight.mT)
             H = H.addmm_(act(first(u)), last.weight.mT)
         return H.view(u.shape[0], self.hidden, self.n_features)
+
+    def _distilled_coefficients(self, u: Tensor) -> Tensor:
+        """``A r(u) + a`` (B, r): the coordinates of ``vec H − H̄`` in the distilled basis."""
+        r = self._rank
+        coef, n_in = self.distilled_coef[:r], u.shape[1]
+        a = torch.addmm(self.distilled_offset[:r], u, coef[:, :n_in].mT)
+        if self.mlp is not None:
+            a = a.addmm_(self.mlp[1](self.mlp[0](u)), coef[:, n_in:].mT)
+        return a
+
+    @torch.no_grad()
+    def whitened_features(self, phi: Tensor, u: Tensor, inv_t: Tensor) -> Tensor:
+        """``L⁻¹ g`` (B, M, C) for ``inv_t = L⁻ᵀ`` (M, M), ``g`` the features of
+        :meth:`features_from` (no gradient): the whitening of the posterior's predictive variance
+        (:meth:`FeaturePosterior.variance <fastlla.posterior.FeaturePosterior.variance>`,
+        ``whitened=True``) folded into the distilled map — ``H L⁻ᵀ = H̄ L⁻ᵀ + Σ_r a_r B_r L⁻ᵀ``,
+        its mean and basis whitened once per ``inv_t`` and map (cached) — so the whitened
+        features cost what ``g`` costs. Needs a distilled map (:meth:`distil`); ``ValueError``
+        otherwise."""
+        r = self._rank
+        if not r:
+            raise ValueError("fastlla: whitened features need a distilled map to H (distil)")
+        u = u.reshape(u.shape[0], -1).to(self.output_scale.dtype)
+        key = (inv_t, self.distilled_basis, self.distilled_basis._version, self.distilled_mean,
+               self.distilled_mean._version, r)  # fmt: skip
+        cached = self._whitened_map  # a local read first: threads may each fill the cache
+        if cached is None or not _same_key(cached[0], key):
+            h, M = self.hidden, self.n_features
+            basis = self.distilled_basis[:, :r].reshape(h, M, r)
+            basis = torch.einsum("jmr,mi->jir", basis, inv_t).reshape(h * M, r)
+            mean = (self.distilled_mean.view(h, M) @ inv_t).reshape(h * M)
+            cached = self._whitened_map = (key, mean, basis.mT.contiguous())
+        _, mean, basis_t = cached
+        H = torch.addmm(mean, self._distilled_coefficients(u), basis_t)
+        return self._gated(H.view(u.shape[0], self.hidden, self.n_features), phi)
 
     def _map_inputs(self, u: Tensor) -> Tensor:
         """``r(u) = [u; ReLU(first(u))]`` (B, n_in + width): ``H`` is affine in it."""
@@ -370,6 +510,11 @@ class GatedSurrogate(nn.Module):
             missing_keys[:] = [k for k in missing_keys if k not in {prefix + a for a in absent}]
             self.undistil()
         self._rank = int(self.distilled_rank)
+
+    @property
+    def distilled(self) -> bool:
+        """Whether the distilled map to ``H`` is in use (:meth:`distil`)."""
+        return self._rank > 0
 
     def undistil(self) -> None:
         """Back to the trained map to ``H`` (what kernel matching trains)."""
@@ -449,10 +594,17 @@ class GatedSurrogate(nn.Module):
         return 0
 
     def _trunk_output(self, *args: Any, **kwargs: Any) -> Tensor:
-        """``u`` (B, n_in): the trunk's output on the inputs, flattened."""
-        args, kwargs = cast_inputs(args, kwargs, self.output_scale.dtype)  # half networks
+        """``u`` (B, n_in): the trunk's output on the inputs, flattened (with
+        ``shared_trunk``: the network's own input of the gated layer, no gradient)."""
+        if not isinstance(self.trunk, NetworkInput):  # the network's own reads them as given
+            args, kwargs = cast_inputs(args, kwargs, self.output_scale.dtype)  # half networks
         u = self.trunk(*args, **kwargs)
-        return u.reshape(u.shape[0], -1)
+        return u.reshape(u.shape[0], -1).to(self.output_scale.dtype)
+
+    def features_from(self, phi: Tensor, u: Tensor) -> Tensor:
+        """``g`` (B, M, C) from ``φ`` (B, h) and the trunk's output ``u`` (B, n_in)."""
+        u = u.reshape(u.shape[0], -1).to(self.output_scale.dtype)
+        return self._gated(self.hidden_features(u), phi)
 
     def _gated(self, H: Tensor, phi: Tensor) -> Tensor:
         """``g`` (B, M, C) from ``H`` (B, h, M) and ``φ`` (B, h)."""
@@ -540,10 +692,12 @@ def trainable_copy_without(model: nn.Module, names: Any) -> nn.Module:
 def default_surrogate(
     model: nn.Module, n_features: int, n_outputs: int, n_params: int, head_width: int = 0,
     generator: torch.Generator | None = None, head: NetworkHead | None = None,
+    shared_trunk: bool = False,
 ) -> Surrogate:
-    """The trunk of ``model`` (copied, trainable) plus a head to ``n_features × n_outputs``
-    (linear, or with one hidden layer of ``head_width`` units), initialised from ``generator``
-    (the global RNG when ``None``).
+    """The trunk of ``model`` (copied, trainable; with ``shared_trunk`` the network's own, not
+    trained: :class:`NetworkInput`) plus a head to ``n_features × n_outputs`` (linear, or with
+    one hidden layer of ``head_width`` units), initialised from ``generator`` (the global RNG
+    when ``None``).
 
     ``head`` (:func:`find_head`; default :meth:`NetworkHead.registered`): with a verified output
     layer the trunk is the network with that layer replaced by the identity; without one, the
@@ -559,7 +713,14 @@ def default_surrogate(
             + (head.reason or "it is a single nn.Linear")
             + "); pass surrogate=<nn.Module returning (B, M, C)>"
         )
-    if head.output_layer is not None:
+    if shared_trunk and (head.output_layer is None or head.pooled):
+        raise ValueError(
+            "fastlla: shared_trunk needs a verified output layer that is not pooled"
+        )
+    if shared_trunk:
+        trunk = NetworkInput(model, head.output_layer)
+        width = model.get_submodule(head.output_layer).in_features
+    elif head.output_layer is not None:
         trunk = trainable_copy_without(model, [head.output_layer])
         width = model.get_submodule(head.output_layer).in_features
     else:
@@ -605,13 +766,13 @@ def default_surrogate_size(
 def last_layer_surrogate(
     model: nn.Module, n_features: int, n_outputs: int, n_params: int, rank: int | None = None,
     head_width: int = 0, gated: bool = False, generator: torch.Generator | None = None,
-    head: NetworkHead | None = None,
+    head: NetworkHead | None = None, shared_trunk: bool = False,
 ) -> LastLayerSurrogate:
     """:func:`default_surrogate` (or, with ``gated``, a :class:`GatedSurrogate` with an MLP of
-    ``head_width`` units) for the learned features plus the exact last-layer block of the
-    verified output layer of ``head`` (:func:`find_head`; default
-    :meth:`NetworkHead.registered`); new weights drawn from ``generator`` (the global RNG when
-    ``None``)."""
+    ``head_width`` units; either reads the network's own trunk with ``shared_trunk``) for the
+    learned features plus the exact last-layer block of the verified output layer of ``head``
+    (:func:`find_head`; default :meth:`NetworkHead.registered`); new weights drawn from
+    ``generator`` (the global RNG when ``None``)."""
     head = head or NetworkHead.registered(model)
     if head.output_layer is None:
         raise ValueError(
@@ -630,12 +791,13 @@ def last_layer_surrogate(
         raise ValueError("fastlla: a gated surrogate needs the full exact last-layer block (rank None)")
     if gated:
         learned = GatedSurrogate(
-            model, n_features, n_outputs, head_width, structure=head.gate, generator=generator
+            model, n_features, n_outputs, head_width, structure=head.gate, generator=generator,
+            shared_trunk=shared_trunk,
         )
         learned.output_scale.fill_(math.sqrt(n_params / n_features))
     else:
         learned = default_surrogate(
-            model, n_features, n_outputs, n_params, head_width, generator, head
+            model, n_features, n_outputs, n_params, head_width, generator, head, shared_trunk
         )
     out = LastLayerSurrogate(learned, model, name, rank, pooled=head.pooled)
     return out.to(device=linear.weight.device, dtype=compute_dtype(linear.weight.dtype)).eval()

@@ -232,3 +232,161 @@ def test_scalla_distils_after_training_and_saves_it():
         fastlla.ScaLLA(model, "classification", n_features=12, head_width=16).load_state_dict(bad)
     predictor = la.export()
     torch.testing.assert_close(predictor(x), la(x), rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- fused variance
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 5])
+def test_kron_variance_of_class_major_features_is_the_dense_diagonal(k, dtype):
+    """Features laid out class-major (as the gated surrogate returns them) take the one-product
+    path (whitened ``T_l``, ``L_ll⁻ᵀ``); its variances equal the diagonal of the dense
+    ``Φᵀ A⁻¹ Φ`` computed in float64, to ε(dtype) × M × cond(A)."""
+    m, B = 6, 11
+    M = m + k * C
+    post = random_posterior(M)
+    g = torch.Generator().manual_seed(9)
+    phi64 = torch.randn(B, C, m, dtype=torch.float64, generator=g).mT  # class-major (B, m, C)
+    a64 = torch.randn(B, k, dtype=torch.float64, generator=g)
+    eye = torch.eye(C, dtype=torch.float64)
+    dense = torch.cat([phi64, (a64[:, :, None, None] * eye).reshape(B, k * C, C)], dim=1)
+    A = post.precision(0.7, 1.3)
+    reference = torch.diagonal(dense.mT @ torch.linalg.solve(A, dense), dim1=1, dim2=2)
+    post = FeaturePosterior(post.H.to(dtype))
+    phi, a = phi64.to(dtype), a64.to(dtype)
+    assert phi.mT.is_contiguous()
+    var = post.variance(phi, 0.7, 1.3, a)
+    assert var.dtype == dtype and post._kron_gram is not None and len(post._kron_gram) == 4
+    tol = eps_tolerance(dtype, M, float(torch.linalg.cond(A)))
+    scale = float(reference.max())
+    torch.testing.assert_close(var.double(), reference, rtol=tol, atol=tol * scale)
+    # the feature-major layout (the fused op) gives the same variances
+    var_fm = post.variance(phi.contiguous(), 0.7, 1.3, a)
+    torch.testing.assert_close(var_fm.double(), reference, rtol=tol, atol=tol * scale)
+    # an update invalidates the cached factors: the variances follow the new posterior
+    W = torch.randn(M, 2, dtype=torch.float64, generator=g)
+    post.update(W.to(dtype))
+    A2 = A + 1.3 * W @ W.mT
+    reference2 = torch.diagonal(dense.mT @ torch.linalg.solve(A2, dense), dim1=1, dim2=2)
+    tol2 = eps_tolerance(dtype, M, float(torch.linalg.cond(A2)))
+    torch.testing.assert_close(
+        post.variance(phi, 0.7, 1.3, a).double(), reference2, rtol=tol2, atol=tol2 * scale
+    )
+
+
+# --------------------------------------------------------------------------- shared trunk
+def count_calls(module: nn.Module) -> list:
+    calls = []
+    module.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    return calls
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_a_shared_trunk_is_an_untrained_copy_read_in_the_networks_pass(gated):
+    """``shared_trunk=True`` reads the network's own trunk: its features equal those of the
+    default surrogate with an untrained trunk copy and the same head (float64, ε × terms), only
+    the head trains, and the predictive runs the network once per call (the trunk's input read
+    in the same pass), with the probabilities of the dense features ``g`` (the surrogate's own
+    forward, separate passes) and ``A⁻¹`` solved in float64."""
+    from fastlla.network_head import find_head
+    from fastlla.surrogate import last_layer_surrogate
+
+    model = gated_model()
+    g = torch.Generator().manual_seed(10)
+    X = torch.randn(60, D, dtype=torch.float64, generator=g)
+    batches = [(X[i : i + 20], model(X[i : i + 20]).argmax(-1)) for i in range(0, 60, 20)]
+    head = find_head(model, X[:20])
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def build(shared):
+        return last_layer_surrogate(
+            model, 6, C, n_params, head_width=8, gated=gated, head=head,
+            generator=torch.Generator().manual_seed(1), shared_trunk=shared,
+        ).double()  # fmt: skip
+
+    shared, copied = build(True), build(False)
+    assert shared.shared_trunk_input == (head.gate[0] if gated else head.output_layer)
+    assert copied.shared_trunk_input is None
+    assert not any("trunk" in n for n, _ in shared.named_parameters())
+    x = X[:9] + 0.5
+    with torch.no_grad():
+        want, got = copied(x), shared(x)
+    tol = eps_tolerance(torch.float64, 10 + 8 + h)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    la = fastlla.ScaLLA(model, "classification", surrogate=shared)
+    la.fit(batches, iterations=5, progress_bar=False)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+    first = count_calls(model[0])
+    probs = la(x)
+    assert first == [x.shape[0]]  # one network pass
+    with torch.no_grad():
+        phi = la._surrogate_features(x).double()  # LastLayerSurrogate.forward: separate passes
+        f = model(x)
+    A = la.posterior.precision(la._delta(), la.data_scale)
+    var = torch.diagonal(phi.mT @ torch.linalg.solve(A, phi), dim1=1, dim2=2)
+    var = var + la.residual_head(x).square().sum(-1) / la._delta()
+    want = probit(f, var)
+    tol = eps_tolerance(torch.float64, la.n_features, float(torch.linalg.cond(A)))
+    torch.testing.assert_close(probs, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["distilled", "plain"])
+def test_whitened_features_give_the_variances_of_the_dense_features(kind):
+    """The variances come from features whitened inside the last map (the distilled gated map,
+    or a plain surrogate's last layer): equal to the diagonal of the full covariance (features
+    not whitened) and of the dense ``Φᵀ A⁻¹ Φ`` solved in float64, also after the prior
+    precision changes and after the map changes in place (the cached whitened map follows)."""
+    model, s = low_rank_gated(3)
+    X = torch.cat(input_batches())
+    batches = [(X[i : i + 50], model(X[i : i + 50]).argmax(-1)) for i in range(0, 400, 50)]
+    gated = kind == "distilled"
+    la = fastlla.ScaLLA(model, "classification", n_features=12, head_width=16, seed=3, gate=gated)
+    train = la._train_surrogate
+
+    def low_rank(*args, **kwargs):
+        learned = la.surrogate.learned
+        with torch.no_grad():
+            learned.linear.weight.copy_(s.linear.weight)
+            learned.mlp[2].weight.copy_(s.mlp[2].weight)
+            learned.mlp[2].weight.requires_grad_(False)
+            learned.linear.weight.requires_grad_(False)
+        return train(*args, **kwargs)
+
+    if gated:
+        la._train_surrogate = low_rank
+    la.fit(batches, iterations=2, progress_bar=False)
+    learned = la.surrogate.learned
+    assert la.surrogate.whitens and (learned.distilled if gated else la.gate_used is False)
+    x = X[:9] + 0.3
+
+    def check():
+        delta, scale = la._delta(), la.data_scale
+        _, feats = la._outputs_and_features(x, diagonal_residual=True, whiten=(delta, scale))
+        assert feats.whitened
+        _, var = la.predictive_distribution(x, diagonal_output=True)
+        _, cov = la.predictive_distribution(x)
+        with torch.no_grad():
+            phi = la._surrogate_features(x).double()
+            residual = la.residual_head(x).square().sum(-1) / delta
+        A = la.posterior.precision(delta, scale)
+        dense = torch.diagonal(phi.mT @ torch.linalg.solve(A, phi), dim1=1, dim2=2) + residual
+        tol = eps_tolerance(torch.float64, la.n_features, float(torch.linalg.cond(A)))
+        atol = tol * float(dense.max())
+        torch.testing.assert_close(var, torch.diagonal(cov, dim1=1, dim2=2), rtol=tol, atol=atol)
+        torch.testing.assert_close(var, dense, rtol=tol, atol=atol)
+        return var
+
+    first = check()
+    la.prior_precision = 7.0
+    assert not torch.allclose(check(), first)
+    cache = learned._whitened_map if gated else learned._whitened_head
+    before = cache[1].clone()
+    with torch.no_grad():  # the map changed in place: distilled again on other inputs, or scaled
+        if gated:
+            learned.distil([b * 2 for b in input_batches(seed=11)])
+        else:
+            learned.head[-1].weight.mul_(1.5)
+    check()
+    cache = learned._whitened_map if gated else learned._whitened_head
+    assert not torch.equal(cache[1], before)

@@ -235,3 +235,45 @@ def test_first_predictions_are_thread_safe():
             return cold[k](x)
 
         check_threaded([predict], inputs, model, oracles=[warm])
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_shared_trunk_prediction_is_thread_safe(gated):
+    """A surrogate reading the network's own trunk (``shared_trunk``): its input is read in the
+    network's pass each prediction makes, per call."""
+    from fastlla.network_head import find_head
+    from fastlla.surrogate import last_layer_surrogate
+
+    model = make_model(C)
+    loader, inputs = make_data(model, "classification")
+    x0 = next(iter(loader))[0]
+    n_params = sum(p.numel() for p in model.parameters())
+    surrogate = last_layer_surrogate(
+        model, M, C, n_params, head_width=8, gated=gated, head=find_head(model, x0),
+        generator=torch.Generator().manual_seed(0), shared_trunk=True,
+    )  # fmt: skip
+    la = fastlla.ScaLLA(model, "classification", surrogate=surrogate)
+    la.fit(loader, iterations=3, progress_bar=False)
+    assert la.surrogate.shared_trunk_input is not None
+    check_threaded(predictors_of(la), inputs, model)
+
+
+def test_distilled_prediction_is_thread_safe():
+    """The distilled gated map's variances come from features whitened inside the map, whose
+    whitened mean and basis are cached per posterior factor: threads making the first
+    predictions (and after the prior precision changes) agree with serial calls."""
+    model = make_model(C)
+    loader, inputs = make_data(model, "classification")
+    la = fastlla.ScaLLA(model, "classification", n_features=M)
+    la.fit(loader, iterations=3, progress_bar=False)
+    learned = la.surrogate.learned
+    assert learned.distil((x for x, _ in loader), tolerance=1.0) > 0  # a loose tolerance: rank 8
+    la.fit(loader, iterations=0, progress_bar=False)  # the posterior on the distilled features
+    assert learned.distilled
+    serial = fastlla.ScaLLA(model, "classification", n_features=M)
+    serial.load_state_dict(la.state_dict())
+    assert serial.surrogate.learned.distilled
+    check_threaded([la], inputs, model, oracles=[serial])
+    la.prior_precision = serial.prior_precision = 3.0
+    check_threaded([la], inputs, model, oracles=[serial])
+    assert learned._whitened_map is not None
