@@ -4,7 +4,8 @@
 ``log p(D|θ*) − ½ θ*ᵀDθ* − ½ log det(I + D⁻¹ sG)`` from what a fit keeps — the log-likelihood
 statistic at ``θ*``, ``‖θ*‖²`` and the GGN eigenvalues (MacKay 1992; Immer et al. 2021, eq. 5) —
 and tunes ``δ`` (and ``σ``) by maximising it (``"marglik"``) or by a validation grid search
-(``"gridsearch"``), as laplace-torch's ``optimize_prior_precision``.
+(``"gridsearch"``), as laplace-torch's ``optimize_prior_precision``, or reads it from the
+network's initialisation (``"init"``, :mod:`fastlla.init_prior`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .fit_state import _positive_float
+from .init_prior import init_second_moments
 from .predictive import Likelihood, class_probabilities, log_class_probabilities
 
 __all__ = ["Evidence", "PRIOR_STRUCTURES"]
@@ -138,6 +140,16 @@ class Evidence:
         """Parameter tensors the posterior is over (``None``: no per-layer prior)."""
         return None
 
+    def _layerwise_size(self) -> int:
+        """``_n_layers()``, or a clear error where a per-layer prior does not apply."""
+        n_layers = self._n_layers()
+        if n_layers is None:
+            raise ValueError(
+                f"fastlla: prior_structure='layerwise' does not apply to {type(self).__name__}"
+                " here; use 'scalar' or 'diag'"
+            )
+        return n_layers
+
     def optimize_prior_precision(
         self,
         method: str = "marglik",
@@ -175,6 +187,14 @@ class Evidence:
             parameter), or an ``init_prior_prec`` tensor of such a length, run laplace-torch's
             Adam on ``log δ`` (``n_steps`` steps of rate ``lr`` from ``init_prior_prec``; with
             ``optimize_sigma_noise`` also on ``log σ``); ExactLLA only.
+            ``"init"`` reads the prior from the network's initialisation, the prior the data left
+            unchanged in every direction they did not constrain (:mod:`fastlla.init_prior`;
+            docs/calibration.md): each module's ``reset_parameters`` is re-run on a copy to
+            measure ``E[θ²]`` per parameter tensor; ``prior_structure="scalar"`` gives
+            ``δ = P / Σ E[θ²]`` (the isotropic prior with the initialisation's expected
+            ``‖θ‖²``; ``3·fan_in`` for one PyTorch-default ``nn.Linear``), ``"layerwise"`` and
+            ``"diag"`` (ExactLLA) ``1/E[θ²]`` per tensor or parameter. It raises a
+            ``ValueError`` for a parameter whose module has no initialiser to re-run.
             ``"gridsearch"`` minimises the predictive NLL on ``val_loader`` (or ``loss``) over
             ``grid``, default ``grid_size`` (21) values log-spaced between
             ``log_prior_prec_base**log_prior_prec_min`` and ``**log_prior_prec_max``
@@ -217,6 +237,15 @@ class Evidence:
                 self._optimize_marglik_adam(
                     init, prior_structure, optimize_sigma_noise, n_steps, lr, progress_bar
                 )
+        elif method == "init":
+            if val_loader is not None:
+                warnings.warn(
+                    "fastlla: val_loader is ignored by method='init' (did you mean "
+                    "method='gridsearch'?)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self.prior_precision = self._init_prior(prior_structure)
         elif method == "gridsearch":
             if val_loader is None:
                 raise ValueError("fastlla: method='gridsearch' needs a val_loader")
@@ -235,11 +264,34 @@ class Evidence:
                 raise ValueError("fastlla: the prior-precision grid is empty")
             self._gridsearch(val_loader, grid, loss, link_approx, n_samples, progress_bar)
         else:
-            raise ValueError(f"fastlla: unknown method {method!r}; use 'marglik' or 'gridsearch'")
+            raise ValueError(
+                f"fastlla: unknown method {method!r}; use 'marglik', 'init' or 'gridsearch'"
+            )
         if verbose:
             print(f"fastlla: optimized prior precision is {self.prior_precision.tolist()}")
         d = self._prior_precision
         return float(d) if d.numel() == 1 else d.clone()
+
+    def _init_prior(self, structure: str) -> float | Tensor:
+        """The initialisation prior (:mod:`fastlla.init_prior`) in ``structure``: ``"scalar"``
+        ``δ = P / Σ E[θ²]`` over the posterior's ``P`` parameters; ``"layerwise"`` and
+        ``"diag"`` ``1/E[θ²]`` per parameter tensor or per parameter, the scalar value where the
+        initialiser sets a tensor to zero."""
+        moments = init_second_moments(self.network.model, self.network.names)
+        sizes = torch.tensor(self.network.numels)
+        entries = self._posterior_entries(torch.repeat_interleave(moments, sizes))
+        if not entries.sum() > 0:
+            raise ValueError(
+                "fastlla: the initialiser sets every parameter to zero; the initialisation "
+                "prior is undefined — give prior_precision instead"
+            )
+        isotropic = entries.numel() / float(entries.sum())
+        if structure == "scalar":
+            return isotropic
+        if structure == "layerwise":
+            self._layerwise_size()
+        per = moments if structure == "layerwise" else entries
+        return torch.where(per > 0, 1 / per.clamp_min(torch.finfo(per.dtype).tiny), isotropic)
 
     def _optimize_marglik(self, optimize_sigma: bool) -> None:
         fit_sigma = optimize_sigma and self.likelihood is Likelihood.REGRESSION
@@ -266,13 +318,7 @@ class Evidence:
     ) -> None:
         """laplace-torch's marglik tuning: Adam on ``log δ`` (and ``log σ``)."""
         if init.numel() == 1:  # a scalar init with prior_structure 'scalar' never comes here
-            n_layers = self._n_layers()
-            if structure == "layerwise" and n_layers is None:
-                raise ValueError(
-                    f"fastlla: prior_structure='layerwise' does not apply to {type(self).__name__}"
-                    " here; use 'scalar' or 'diag'"
-                )
-            n = n_layers if structure == "layerwise" else int(self._theta().numel())
+            n = self._layerwise_size() if structure == "layerwise" else int(self._theta().numel())
             init = self._parse_prior(init.expand(n).clone())
         fit_sigma = optimize_sigma and self.likelihood is Likelihood.REGRESSION
         log_delta = init.detach().log().clone().requires_grad_(True)
