@@ -161,3 +161,42 @@ def test_val_loader_with_init_warns():
     X, y = data("classification")
     with pytest.warns(UserWarning, match="val_loader is ignored by method='init'"):
         la.optimize_prior_precision("init", val_loader=[(X, y)])
+
+
+def test_the_default_is_init_without_and_gridsearch_with_a_validation_set():
+    _, la = fitted(ExactLLA)
+    init = la.optimize_prior_precision("init")
+    la.prior_precision = 1.0
+    assert la.optimize_prior_precision() == init
+    X = torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2))
+    grid = [0.5, 2.0, 8.0]
+    want = la.optimize_prior_precision("gridsearch", loader(X, y), grid=grid)
+    la.prior_precision = 1.0
+    assert la.optimize_prior_precision(val_loader=loader(X, y), grid=grid) == want
+
+
+@pytest.mark.parametrize("kw", [{"n_steps": 5}, {"lr": 0.5}, {"init_prior_prec": 2.0}])
+def test_adam_keywords_without_marglik_are_refused(kw):
+    _, la = fitted(ExactLLA)
+    la.prior_precision = 3.0
+    with pytest.raises(ValueError, match=f"{next(iter(kw))} go with method='marglik'"):
+        la.optimize_prior_precision(**kw)
+    assert float(la.prior_precision) == 3.0
+
+
+def test_init_with_sigma_maximises_the_evidence_over_sigma_at_the_init_prior():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    X, y = data("regression", N=24)
+    la = ExactLLA(model, "regression", sigma_noise=1.0).fit(loader(X, y))
+    la.optimize_prior_precision("init")
+    assert float(la.sigma_noise) == 1.0  # σ moves only when asked
+    delta = la.optimize_prior_precision("init", optimize_sigma_noise=True)
+    sigma = float(la.sigma_noise)  # (log_marginal_likelihood(δ, σ) stores what it is given)
+    log_s = torch.tensor(math.log(sigma), dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(la.log_marginal_likelihood(delta, log_s.exp()), log_s)
+    assert abs(float(g)) < 1e-4 * len(X)  # a stationary point of the evidence in log σ
+    best = float(la.log_marginal_likelihood(delta, sigma))
+    for s in (0.5, 2.0):  # and its maximum
+        assert float(la.log_marginal_likelihood(delta, sigma * s)) < best
