@@ -4,7 +4,8 @@
 ``log p(D|θ*) − ½ θ*ᵀDθ* − ½ log det(I + D⁻¹ sG)`` from what a fit keeps — the log-likelihood
 statistic at ``θ*``, ``‖θ*‖²`` and the GGN eigenvalues (MacKay 1992; Immer et al. 2021, eq. 5) —
 and tunes ``δ`` (and ``σ``) by maximising it (``"marglik"``) or by a validation grid search
-(``"gridsearch"``), as laplace-torch's ``optimize_prior_precision``.
+(``"gridsearch"``), as laplace-torch's ``optimize_prior_precision``, or reads it from the
+network's initialisation (``"init"``, :mod:`fastlla.init_prior`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .fit_state import _positive_float
+from .init_prior import init_second_moments
 from .predictive import Likelihood, class_probabilities, log_class_probabilities
 
 __all__ = ["Evidence", "PRIOR_STRUCTURES"]
@@ -138,9 +140,19 @@ class Evidence:
         """Parameter tensors the posterior is over (``None``: no per-layer prior)."""
         return None
 
+    def _layerwise_size(self) -> int:
+        """``_n_layers()``, or a clear error where a per-layer prior does not apply."""
+        n_layers = self._n_layers()
+        if n_layers is None:
+            raise ValueError(
+                f"fastlla: prior_structure='layerwise' does not apply to {type(self).__name__}"
+                " here; use 'scalar' or 'diag'"
+            )
+        return n_layers
+
     def optimize_prior_precision(
         self,
-        method: str = "marglik",
+        method: str | None = None,
         val_loader: Iterable | None = None,
         grid: Iterable[float] | None = None,
         optimize_sigma_noise: bool = False,
@@ -153,35 +165,52 @@ class Evidence:
         log_prior_prec_min: float = -4.0,
         log_prior_prec_max: float = 4.0,
         log_prior_prec_base: float = 10.0,
-        n_steps: int = 100,
-        lr: float = 1e-1,
-        init_prior_prec: float | Tensor = 1.0,
+        n_steps: int | None = None,
+        lr: float | None = None,
+        init_prior_prec: float | Tensor | None = None,
         prior_structure: str = "scalar",
         progress_bar: bool = False,
         verbose: bool = False,
     ) -> float | Tensor:
         """Choose ``δ`` (and, for regression with ``optimize_sigma_noise``, ``σ``).
 
-        Takes laplace-torch's keywords; the defaults are fastlla's where they differ.
+        Takes laplace-torch's keywords; the defaults are fastlla's where they differ. By default
+        (no ``method``) the prior is the network's initialisation's (``"init"``), or, given a
+        ``val_loader``, the one of least validation NLL (``"gridsearch"``). laplace-torch's
+        default, ``"marglik"``, chooses a prior 10–100× too broad for networks trained with a
+        small or no weight decay, whose predictive is then far worse calibrated than the network
+        (docs/calibration.md); ask for it by name.
 
         Parameters
         ----------
-        method : ``"marglik"`` maximises :meth:`log_marginal_likelihood`. With
+        method : ``None`` (default): ``"gridsearch"`` with a ``val_loader``, else ``"init"``.
+            ``"marglik"`` maximises :meth:`log_marginal_likelihood`. With
             ``prior_structure="scalar"`` (default; laplace-torch's default is ``"diag"``) it is
             exact and cheap, since one eigendecomposition serves every ``(δ, σ)``: a log-spaced
             grid over ``δ ∈ [e⁻¹², e¹²]``, then golden-section refinement in ``log δ``
             (coordinate-wise with ``log σ``); ``init_prior_prec``, ``n_steps`` and ``lr`` do not
             apply. ``"layerwise"`` (one ``δ`` per parameter tensor) or ``"diag"`` (one per
             parameter), or an ``init_prior_prec`` tensor of such a length, run laplace-torch's
-            Adam on ``log δ`` (``n_steps`` steps of rate ``lr`` from ``init_prior_prec``; with
+            Adam on ``log δ`` (``n_steps`` steps, default 100, of rate ``lr``, default 0.1, from
+            ``init_prior_prec``, default 1; these three go with ``"marglik"`` only; with
             ``optimize_sigma_noise`` also on ``log σ``); ExactLLA only.
+            ``"init"`` reads the prior from the network's initialisation, the prior the data left
+            unchanged in every direction they did not constrain (:mod:`fastlla.init_prior`;
+            docs/calibration.md): each module's ``reset_parameters`` is re-run on a copy to
+            measure ``E[θ²]`` per parameter tensor; ``prior_structure="scalar"`` gives
+            ``δ = P / Σ E[θ²]`` (the isotropic prior with the initialisation's expected
+            ``‖θ‖²``; ``3·fan_in`` for one PyTorch-default ``nn.Linear``), ``"layerwise"`` and
+            ``"diag"`` (ExactLLA) ``1/E[θ²]`` per tensor or parameter; with
+            ``optimize_sigma_noise`` (regression) ``σ`` maximises the evidence at that ``δ``. It
+            raises a ``ValueError`` for a parameter whose module has no initialiser to re-run.
             ``"gridsearch"`` minimises the predictive NLL on ``val_loader`` (or ``loss``) over
             ``grid``, default ``grid_size`` (21) values log-spaced between
             ``log_prior_prec_base**log_prior_prec_min`` and ``**log_prior_prec_max``
             (``1e-4`` to ``1e4``).
         val_loader : ``(x, y)`` or dict batches for ``"gridsearch"``.
         grid : explicit prior precisions for ``"gridsearch"`` (not with ``grid_size``).
-        optimize_sigma_noise : also tune ``σ`` by the evidence (regression, ``"marglik"``).
+        optimize_sigma_noise : also tune ``σ`` by the evidence (regression, ``"marglik"`` and
+            ``"init"``).
         link_approx, n_samples, pred_type : the predictive scored by ``"gridsearch"``
             (``pred_type`` must be ``"glm"``).
         loss : ``"gridsearch"`` score instead of the NLL: a torchmetrics-style metric (with
@@ -202,22 +231,43 @@ class Evidence:
             )
         if pred_type != "glm":
             raise ValueError(f"fastlla: only pred_type='glm' is supported, got {pred_type!r}")
+        if method is None:
+            method = "init" if val_loader is None else "gridsearch"
+        if method not in ("marglik", "init", "gridsearch"):
+            raise ValueError(
+                f"fastlla: unknown method {method!r}; use 'marglik', 'init' or 'gridsearch'"
+            )
+        if val_loader is not None and method != "gridsearch":
+            warnings.warn(
+                f"fastlla: val_loader is ignored by method={method!r} (did you mean "
+                "method='gridsearch'?)",
+                UserWarning,
+                stacklevel=2,
+            )
+        adam = {"n_steps": n_steps, "lr": lr, "init_prior_prec": init_prior_prec}
+        given = [k for k, v in adam.items() if v is not None]
+        if given and method != "marglik":
+            raise ValueError(
+                f"fastlla: {', '.join(given)} go with method='marglik' (laplace-torch's default; "
+                f"fastlla's is 'init'), not method={method!r}"
+            )
         if method == "marglik":
-            if val_loader is not None:
-                warnings.warn(
-                    "fastlla: val_loader is ignored by method='marglik' (did you mean "
-                    "method='gridsearch'?)",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            init = self._parse_prior(init_prior_prec)
+            init = self._parse_prior(1.0 if init_prior_prec is None else init_prior_prec)
             if init.numel() == 1 and prior_structure == "scalar":
                 self._optimize_marglik(optimize_sigma_noise)
             else:
                 self._optimize_marglik_adam(
-                    init, prior_structure, optimize_sigma_noise, n_steps, lr, progress_bar
+                    init, prior_structure, optimize_sigma_noise, 100 if n_steps is None else n_steps,
+                    0.1 if lr is None else lr, progress_bar,
                 )
-        elif method == "gridsearch":
+        elif method == "init":
+            delta = self._init_prior(prior_structure)
+            sigma = self._sigma_noise
+            if optimize_sigma_noise and self.likelihood is Likelihood.REGRESSION:
+                sigma = self._evidence_sigma(self._parse_prior(delta))
+            self.prior_precision = delta
+            self.sigma_noise = sigma
+        else:
             if val_loader is None:
                 raise ValueError("fastlla: method='gridsearch' needs a val_loader")
             if grid is not None and grid_size is not None:
@@ -234,12 +284,39 @@ class Evidence:
             if not grid:
                 raise ValueError("fastlla: the prior-precision grid is empty")
             self._gridsearch(val_loader, grid, loss, link_approx, n_samples, progress_bar)
-        else:
-            raise ValueError(f"fastlla: unknown method {method!r}; use 'marglik' or 'gridsearch'")
         if verbose:
             print(f"fastlla: optimized prior precision is {self.prior_precision.tolist()}")
         d = self._prior_precision
         return float(d) if d.numel() == 1 else d.clone()
+
+    def _init_prior(self, structure: str) -> float | Tensor:
+        """The initialisation prior (:mod:`fastlla.init_prior`) in ``structure``: ``"scalar"``
+        ``δ = P / Σ E[θ²]`` over the posterior's ``P`` parameters; ``"layerwise"`` and
+        ``"diag"`` ``1/E[θ²]`` per parameter tensor or per parameter, the scalar value where the
+        initialiser sets a tensor to zero."""
+        moments = init_second_moments(self.network.model, self.network.names)
+        sizes = torch.tensor(self.network.numels)
+        entries = self._posterior_entries(torch.repeat_interleave(moments, sizes))
+        if not entries.sum() > 0:
+            raise ValueError(
+                "fastlla: the initialiser sets every parameter to zero; the initialisation "
+                "prior is undefined — give prior_precision instead"
+            )
+        isotropic = entries.numel() / float(entries.sum())
+        if structure == "scalar":
+            return isotropic
+        if structure == "layerwise":
+            self._layerwise_size()
+        per = moments if structure == "layerwise" else entries
+        return torch.where(per > 0, 1 / per.clamp_min(torch.finfo(per.dtype).tiny), isotropic)
+
+    def _evidence_sigma(self, delta: Tensor) -> float:
+        """The ``σ`` maximising the evidence at a fixed, checked ``δ``."""
+        kw = dict(dtype=torch.float64, device=self.device)
+        log_sigma = _maximise_1d(
+            lambda t: float(self._evidence(delta, torch.tensor(math.exp(t), **kw))), -8.0, 6.0
+        )
+        return math.exp(log_sigma)
 
     def _optimize_marglik(self, optimize_sigma: bool) -> None:
         fit_sigma = optimize_sigma and self.likelihood is Likelihood.REGRESSION
@@ -266,13 +343,7 @@ class Evidence:
     ) -> None:
         """laplace-torch's marglik tuning: Adam on ``log δ`` (and ``log σ``)."""
         if init.numel() == 1:  # a scalar init with prior_structure 'scalar' never comes here
-            n_layers = self._n_layers()
-            if structure == "layerwise" and n_layers is None:
-                raise ValueError(
-                    f"fastlla: prior_structure='layerwise' does not apply to {type(self).__name__}"
-                    " here; use 'scalar' or 'diag'"
-                )
-            n = n_layers if structure == "layerwise" else int(self._theta().numel())
+            n = self._layerwise_size() if structure == "layerwise" else int(self._theta().numel())
             init = self._parse_prior(init.expand(n).clone())
         fit_sigma = optimize_sigma and self.likelihood is Likelihood.REGRESSION
         log_delta = init.detach().log().clone().requires_grad_(True)

@@ -144,8 +144,10 @@ class ExactLLA(JacobianPredictive, LaplaceBase):
         self._pending_last_layer = False
 
     def _theta(self) -> Tensor:
-        theta = self.network.flat_params()
-        return theta if self._columns is None else theta[self._columns]
+        return self._posterior_entries(self.network.flat_params())
+
+    def _posterior_entries(self, flat: Tensor) -> Tensor:
+        return flat if self._columns is None else flat[self._columns.to(flat.device)]
 
     def _n_layers(self) -> int | None:
         return None if self._columns is not None else len(self.network.names)

@@ -173,6 +173,11 @@ class LaplaceBase(FitState, Evidence, Prediction):
         """``θ*``, the flat vector of the parameters the posterior is over."""
         return self.network.flat_params()
 
+    def _posterior_entries(self, flat: Tensor) -> Tensor:
+        """The entries of a vector over the network's parameters (``flat_params`` order) that
+        the posterior is over (all of them, except for ExactLLA's subnetwork)."""
+        return flat
+
     # ------------------------------------------------------------------ hyper-parameters
     @property
     def prior_precision(self) -> Tensor:

@@ -463,9 +463,9 @@ def test_marglik_adam_structures(structure):
     model = model_for()
     X, y = data("regression")
     la = ExactLLA(model, "regression", 0.5).fit(loader(X, y))
-    scalar = la.optimize_prior_precision()
+    scalar = la.optimize_prior_precision("marglik")
     best_scalar = float(la.log_marginal_likelihood(scalar))
-    d = la.optimize_prior_precision(prior_structure=structure, n_steps=400, lr=0.1)
+    d = la.optimize_prior_precision("marglik", prior_structure=structure, n_steps=400, lr=0.1)
     n = 4 if structure == "layerwise" else la.n_params
     assert isinstance(d, torch.Tensor) and d.shape == (n,)
     assert torch.equal(la.prior_precision, d)
@@ -475,7 +475,7 @@ def test_marglik_adam_structures(structure):
     assert float(g.abs().max()) < 0.05
     sc = ScaLLA(model, "regression", n_features=4).fit(loader(X, y), iterations=0, progress_bar=False)
     with pytest.raises(ValueError, match="ExactLLA"):
-        sc.optimize_prior_precision(prior_structure="diag")
+        sc.optimize_prior_precision("marglik", prior_structure="diag")
     assert float(sc.prior_precision) == 1.0
 
 

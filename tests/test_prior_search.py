@@ -173,14 +173,14 @@ def test_layerwise_prior_needs_layers():
     la = ScaLLA(model_for(), "classification", n_features=4, seed=0)
     la.fit(loader(X, y), iterations=2, progress_bar=False)
     with pytest.raises(ValueError, match="prior_structure='layerwise' does not apply to ScaLLA"):
-        la.optimize_prior_precision(prior_structure="layerwise", n_steps=1)
+        la.optimize_prior_precision("marglik", prior_structure="layerwise", n_steps=1)
 
 
 def test_per_layer_init_is_kept_per_layer():
     """A per-layer ``init_prior_prec`` runs Adam per layer whatever ``prior_structure`` says,
     and ends at the evidence's per-layer maximiser (checked by its zero gradient)."""
     la, _, _ = fitted()
-    got = la.optimize_prior_precision(init_prior_prec=torch.ones(4), n_steps=400, lr=0.1)
+    got = la.optimize_prior_precision("marglik", init_prior_prec=torch.ones(4), n_steps=400, lr=0.1)
     assert got.shape == (4,)
     log_d = got.log().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(la.log_marginal_likelihood(log_d.exp()), log_d)
@@ -190,14 +190,18 @@ def test_per_layer_init_is_kept_per_layer():
 # --------------------------------------------------------------------------- defaults, warnings
 def test_defaults_are_laplace_torchs_where_fastlla_does_not_document_its_own():
     """The keywords shared with laplace-torch default as there, except those fastlla documents
-    as its own (``method``'s exact 1-D optimiser needs no Adam settings; ``prior_structure`` is
+    as its own (``method`` is ``"init"``, or ``"gridsearch"`` with a validation set; the Adam
+    settings ``n_steps``, ``lr``, ``init_prior_prec`` are marglik-only, so their defaults are
+    ``None`` and laplace-torch's values apply under ``"marglik"``; ``prior_structure`` is
     ``"scalar"``; ``grid_size`` 21)."""
     import inspect
 
     laplace = pytest.importorskip("laplace")
     ours = inspect.signature(ExactLLA.optimize_prior_precision).parameters
     theirs = inspect.signature(laplace.baselaplace.BaseLaplace.optimize_prior_precision).parameters
-    own = {"prior_structure": "scalar", "grid_size": None, "pred_type": "glm", "method": "marglik"}
+    adam = ("n_steps", "lr", "init_prior_prec")
+    own = {"prior_structure": "scalar", "grid_size": None, "pred_type": "glm", "method": None,
+           **dict.fromkeys(adam)}  # fmt: skip
     for name, p in ours.items():
         if name in own:
             assert p.default == own[name], name
@@ -205,6 +209,12 @@ def test_defaults_are_laplace_torchs_where_fastlla_does_not_document_its_own():
             default = getattr(theirs[name].default, "value", theirs[name].default)
             assert p.default == default, (name, p.default, default)
     assert ours["optimize_sigma_noise"].default is False
+    la, _, _ = fitted()
+    implicit = la.optimize_prior_precision("marglik", prior_structure="layerwise")
+    explicit = la.optimize_prior_precision(
+        "marglik", prior_structure="layerwise", **{k: theirs[k].default for k in adam}
+    )
+    assert torch.equal(implicit, explicit)
 
 
 def test_marglik_warns_about_a_val_loader_from_the_callers_line():
@@ -239,10 +249,10 @@ def test_marglik_maximiser_matches_the_oracle_evidence_in_float64():
     oracle = Oracle(model, "classification", X, y)
     res = minimize_scalar(lambda t: -oracle.marglik(math.exp(t)), bounds=(-12, 12), method="bounded",
                           options={"xatol": 1e-10})  # fmt: skip
-    got = la.optimize_prior_precision()
+    got = la.optimize_prior_precision("marglik")
     assert type(got) is float  # a scalar prior comes back as a number (laplace-torch: a tensor)
     assert abs(math.log(got) - res.x) < 1e-5
-    with pytest.raises(ValueError, match="^fastlla: unknown method 'adam'; use 'marglik' or 'gridsearch'$"):
+    with pytest.raises(ValueError, match="^fastlla: unknown method 'adam'; use 'marglik', 'init' or 'gridsearch'$"):
         la.optimize_prior_precision("adam")
 
 
@@ -255,21 +265,21 @@ def test_marglik_search_bounds_and_sigma_only_when_asked():
         torch.nn.init.zeros_(p)
     X = data("regression")[0]
     la = ExactLLA(model, "regression", sigma_noise=0.5).fit(loader(X, torch.zeros(len(X), 2, dtype=X.dtype)))
-    la.optimize_prior_precision()
+    la.optimize_prior_precision("marglik")
     assert float(la.sigma_noise) == 0.5
     assert math.log(float(la.prior_precision)) == pytest.approx(12.0, abs=1e-6)
-    la.optimize_prior_precision(optimize_sigma_noise=True)
+    la.optimize_prior_precision("marglik", optimize_sigma_noise=True)
     assert math.log(float(la.sigma_noise)) == pytest.approx(-8.0, abs=1e-6)
     for structure in ("layerwise", "diag"):  # the Adam path: σ fixed unless asked
         la.sigma_noise = 0.5
-        la.optimize_prior_precision(prior_structure=structure, n_steps=3)
+        la.optimize_prior_precision("marglik", prior_structure=structure, n_steps=3)
         assert float(la.sigma_noise) == 0.5
 
 
 def test_adam_path_tunes_sigma_to_the_evidences_stationary_point(capsys):
     X, y = data("regression", N=24)
     la = ExactLLA(model_for(), "regression", sigma_noise=1.0).fit(loader(X, y))
-    la.optimize_prior_precision(prior_structure="layerwise", optimize_sigma_noise=True,
+    la.optimize_prior_precision("marglik", prior_structure="layerwise", optimize_sigma_noise=True,
                                 n_steps=600, lr=0.05, progress_bar=True)  # fmt: skip
     err = capsys.readouterr().err
     assert "marglik" in err and "600/600" in err
