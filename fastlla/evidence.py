@@ -29,6 +29,8 @@ __all__ = ["Evidence", "PRIOR_STRUCTURES"]
 
 #: ``optimize_prior_precision(prior_structure=...)`` values (laplace-torch's ``PriorStructure``).
 PRIOR_STRUCTURES = ("scalar", "layerwise", "diag")
+#: method='init' warns where a trained tensor's mean square is this many times below its init's
+SHRINK_LIMIT = 10
 
 
 class Evidence:
@@ -202,7 +204,10 @@ class Evidence:
             ``‖θ‖²``; ``3·fan_in`` for one PyTorch-default ``nn.Linear``), ``"layerwise"`` and
             ``"diag"`` (ExactLLA) ``1/E[θ²]`` per tensor or parameter; with
             ``optimize_sigma_noise`` (regression) ``σ`` maximises the evidence at that ``δ``. It
-            raises a ``ValueError`` for a parameter whose module has no initialiser to re-run.
+            raises a ``ValueError`` for a parameter whose module has no initialiser to re-run,
+            and warns where a trained tensor's mean square is over ``SHRINK_LIMIT`` (10) times
+            below its initialiser's (a network initialised otherwise, e.g. a pre-trained
+            ``transformers`` model: choose ``δ`` on held-out data there).
             ``"gridsearch"`` minimises the predictive NLL on ``val_loader`` (or ``loss``) over
             ``grid``, default ``grid_size`` (21) values log-spaced between
             ``log_prior_prec_base**log_prior_prec_min`` and ``**log_prior_prec_max``
@@ -295,6 +300,7 @@ class Evidence:
         ``"diag"`` ``1/E[θ²]`` per parameter tensor or per parameter, the scalar value where the
         initialiser sets a tensor to zero."""
         moments = init_second_moments(self.network.model, self.network.names)
+        _warn_if_not_drawn_from(moments, self.network)
         sizes = torch.tensor(self.network.numels)
         entries = self._posterior_entries(torch.repeat_interleave(moments, sizes))
         if not entries.sum() > 0:
@@ -458,6 +464,28 @@ class _CallableValue(Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
+
+
+def _warn_if_not_drawn_from(moments: Tensor, network: Any) -> None:
+    """Warn where a trained tensor's mean square lies far below its initialiser's ``E[θ²]``:
+    training from that initialisation rarely shrinks a tensor tenfold, so the network was
+    probably initialised otherwise (a pre-trained ``transformers`` model, whose own init is
+    not its modules' ``reset_parameters``), and the init prior is then too broad there."""
+    trained = [p.detach().double().square().mean().cpu() for p in network.params().values()]
+    off = [
+        name for name, m, t in zip(network.names, moments.tolist(), trained)
+        if m > 0 and float(t) < m / SHRINK_LIMIT
+    ]  # fmt: skip
+    if off:
+        shown = ", ".join(repr(n) for n in off[:3]) + (f" and {len(off) - 3} more" if len(off) > 3 else "")
+        warnings.warn(
+            f"fastlla: the trained values of {shown} are over {SHRINK_LIMIT}x smaller in mean "
+            "square than their modules' reset_parameters draws: the network was probably not "
+            "initialised by reset_parameters, and method='init' then gives too broad a prior; "
+            "choose the prior precision on held-out data (val_loader=...)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _maximise_1d(fn, lo: float, hi: float, n_grid: int = 49, n_golden: int = 40) -> float:

@@ -200,3 +200,22 @@ def test_init_with_sigma_maximises_the_evidence_over_sigma_at_the_init_prior():
     best = float(la.log_marginal_likelihood(delta, sigma))
     for s in (0.5, 2.0):  # and its maximum
         assert float(la.log_marginal_likelihood(delta, sigma * s)) < best
+
+
+def test_a_network_not_drawn_from_its_modules_initialisers_is_warned_about():
+    """A tensor whose trained values are far smaller than its initialiser's draws (here scaled
+    by 0.1 after construction, as a pre-trained transformers model's std-0.02 init would be)
+    is named in a warning; the network as drawn gives none."""
+    import warnings
+
+    model, la = fitted(ExactLLA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        la.optimize_prior_precision()
+    with torch.no_grad():
+        model[3].weight.mul_(0.1)  # mean square 100x below the init's
+    X = torch.rand(24, 1, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    la = ExactLLA(model, "classification").fit(loader(X, torch.randint(0, 3, (24,)), batch=8))
+    with pytest.warns(UserWarning, match=r"of '3.weight' are over 10x smaller") as record:
+        la.optimize_prior_precision()
+    assert len(record) == 1 and record[0].filename == __file__
