@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import sys
@@ -229,14 +230,16 @@ def _laplace_torch_rows(model, ds, sets, log) -> tuple[dict, dict]:
 
 def _authors_module():
     """``bench/suite/authors.py`` of this source checkout, or ``None`` (an installed package)."""
-    suite = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "suite")
-    if not os.path.isfile(os.path.join(suite, "authors.py")):
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "suite", "authors.py")
+    if not os.path.isfile(path):
         return None
-    if suite not in sys.path:
-        sys.path.insert(0, suite)
-    import authors
-
-    return authors
+    name = "fastlla_bench_authors"  # loaded from its file: sys.path is left as it is
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: its dataclasses and pickling look it up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def authors_context_fit(model, x_train, y_train, x_context, seconds: float | None = None,
