@@ -45,8 +45,7 @@ __all__ = ["DemoConfig", "run_demo"]
 
 @dataclass
 class DemoConfig:
-    """Knobs of the demo; the defaults run in about 4 minutes on 2 quiet CPU cores (409 s with the
-    OOD table on a loaded machine).
+    """Knobs of the demo; the defaults run in about 4 minutes on 2 quiet CPU cores.
 
     ``iterations="auto"`` trains each surrogate for ``time_budget`` seconds (the step count it
     reached is printed); an int fixes the number of steps instead.
