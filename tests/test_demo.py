@@ -50,3 +50,37 @@ def test_regression_scores_add_the_noise_variance():
     assert abs(scores["nll"] - nll) <= 1e-10 * abs(nll)
     assert abs(scores["crps"] - crps) <= 1e-10 * abs(crps)
     assert scores["rmse"] == pytest.approx(float(((y - mean) ** 2).mean().sqrt()), rel=1e-12)
+
+
+def test_ood_table_aurocs_by_kind_and_set():
+    """The demo's OOD table cells: one AUROC per score kind and OOD set, the entropy one equal to
+    sklearn's AUROC of the entropy of the estimator's own probit predictive."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fastlla import ExactLLA
+    from fastlla.apps.demo import OOD_COLUMNS, OOD_KINDS, ood_aurocs
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    la = ExactLLA(model, "classification", prior_precision=0.5).fit(DataLoader(TensorDataset(x, y), batch_size=10))
+    x_in = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    oods = {"near": 2 * torch.randn(15, 4, generator=g, dtype=torch.float64),
+            "far": 5 + torch.randn(10, 4, generator=g, dtype=torch.float64)}  # fmt: skip
+    got = ood_aurocs(la, x_in, oods)
+    assert set(got) == {f"ood_{k}_{s}" for k in OOD_KINDS for s in oods}
+    assert {key for key, _, _ in OOD_COLUMNS[1:]} == set(got)
+
+    def entropy(z):
+        p = la(z, link_approx="probit")
+        return -(p * p.log()).sum(-1)
+
+    for name, z in oods.items():
+        labels = [0] * len(x_in) + [1] * len(z)
+        ref = roc_auc_score(labels, torch.cat([entropy(x_in), entropy(z)]).numpy())
+        assert got[f"ood_entropy_{name}"] == pytest.approx(ref, abs=1e-12)
+        assert 0.0 <= got[f"ood_variance_ratio_{name}"] <= 1.0

@@ -10,7 +10,10 @@
 
 on NLL, accuracy, ECE, Brier, OOD AUROC (predictive entropy and Gaussian logit entropy), kernel
 fidelity, fit time, predict time and peak fit memory — first all at exact LLA's ``δ``, then each
-method at its own ``δ`` chosen by marginal likelihood and by validation NLL. The same
+method at its own ``δ`` chosen by marginal likelihood and by validation NLL, then one OOD table:
+the AUROC of :func:`fastlla.ood_score`'s ``"entropy"`` (the default kind) and
+``"variance_ratio"`` (the kind for estimators fitted with context points, ``docs/ood.md``) on
+the held-out digits and on corrupted test images (:func:`fastlla.apps.ood_bench.far_ood`). The
 per-method ``δ`` comparison follows on the diabetes regression and, with ``all_classes``
 (``--all-classes``), on all ten digit classes.
 It then fits a 1-D regression with a gap in its inputs and draws the predictive bands of MAP,
@@ -28,11 +31,13 @@ import torch
 
 from fastlla import metrics
 from fastlla.exact import ExactLLA
+from fastlla.ood import ood_scores
 from fastlla.predictive import gaussian_logit_entropy, predictive_entropy, probit
 from fastlla.scalla import ScaLLA
 
 from .data import load_diabetes_split, load_digits_ood, load_digits_split, make_gap_regression
 from .measure import measure
+from .ood_bench import far_ood
 from .models import MLP, DigitsCNN, keeps_global_rng, train_map
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -136,14 +141,37 @@ def _evaluate(la, x_test, x_ood) -> tuple[dict[str, Any], torch.Tensor]:
     }, cov_in
 
 
-def _laplace_scores(la, x_test, y_test, x_ood=None) -> dict[str, float]:
-    """The classification scores of a Laplace method at its current ``δ`` (probit link)."""
+#: the OOD table's score kinds (:mod:`fastlla.ood`) and OOD sets
+OOD_KINDS = ("entropy", "variance_ratio")
+OOD_SETS = ("near", "far")
+OOD_COLUMNS = [("delta", "δ", "{:.3g}")] + [
+    (f"ood_{kind}_{ood}", f"{ood}: {title}", "{:.3f}")
+    for ood in OOD_SETS for kind, title in zip(OOD_KINDS, ("H", "var ratio"))
+]  # fmt: skip
+
+
+def ood_aurocs(la, x_in, oods: dict[str, Any]) -> dict[str, float]:
+    """``{"ood_<kind>_<set>": AUROC}`` of :func:`fastlla.ood.ood_scores` (kinds
+    :data:`OOD_KINDS`) of ``la`` at its current ``δ``, in-distribution inputs ``x_in`` against
+    each OOD set of ``oods`` (name → inputs)."""
+    s_in = ood_scores(la, x_in, OOD_KINDS)
+    out = {}
+    for name, x in oods.items():
+        s_out = ood_scores(la, x, OOD_KINDS)
+        out.update({f"ood_{k}_{name}": metrics.auroc(s_in[k], s_out[k]) for k in OOD_KINDS})
+    return out
+
+
+def _laplace_scores(la, x_test, y_test, x_ood=None, oods=None) -> dict[str, float]:
+    """The classification scores of a Laplace method at its current ``δ`` (probit link), and
+    :func:`ood_aurocs` against ``oods`` when given."""
     mean, cov = la.predictive_distribution(x_test)
     probs_out = cov_out = None
     if x_ood is not None:
         mean_out, cov_out = la.predictive_distribution(x_ood)
         probs_out = probit(mean_out, cov_out)
-    return _classification_scores(probit(mean, cov), probs_out, y_test, cov, cov_out)
+    values = _classification_scores(probit(mean, cov), probs_out, y_test, cov, cov_out)
+    return values if oods is None else {**values, **ood_aurocs(la, x_test, oods)}
 
 
 def _own_deltas(la, val_loader, regression: bool = False, grid=None) -> dict[str, float]:
@@ -177,9 +205,12 @@ def _fit_scalla(name: str, model, cfg: DemoConfig, train, context, delta: float,
 
 
 @keeps_global_rng
-def classification_demo(cfg: DemoConfig, log=print) -> tuple[list[Row], list[Row], dict[str, Any]]:
+def classification_demo(
+    cfg: DemoConfig, log=print
+) -> tuple[list[Row], list[Row], list[Row], dict[str, Any]]:
     """The digits OOD comparison: rows at exact LLA's validation ``δ``, rows at each method's own
-    ``δ`` choices, and extra facts for the report."""
+    ``δ`` choices, the OOD table's rows (MAP, then the same methods and ``δ``; columns
+    :data:`OOD_COLUMNS`), and extra facts for the report."""
     torch.manual_seed(cfg.seed)
     ds = load_digits_ood(seed=cfg.seed)
     train = ds.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
@@ -194,6 +225,12 @@ def classification_demo(cfg: DemoConfig, log=print) -> tuple[list[Row], list[Row
         with torch.no_grad():
             p_in, p_out = torch.softmax(model(ds.x_test), -1), torch.softmax(model(ds.x_ood), -1)
     rows.append(Row("MAP", {**_classification_scores(p_in, p_out, ds.y_test), "predict_s": t.seconds}))
+    oods = {"near": ds.x_ood, "far": far_ood(ds.x_test, cfg.seed)}
+    oods64 = {k: v.double() for k, v in oods.items()}
+    with torch.no_grad():
+        p_far = torch.softmax(model(oods["far"]), -1)
+    map_ood = {"ood_entropy_near": rows[0].values["auroc_entropy"],
+               "ood_entropy_far": metrics.auroc(predictive_entropy(p_in), predictive_entropy(p_far))}  # fmt: skip
 
     # Exact LLA in float64 on a copy: it is the reference the others are compared with.
     exact_model = copy.deepcopy(model).double()
@@ -219,8 +256,10 @@ def classification_demo(cfg: DemoConfig, log=print) -> tuple[list[Row], list[Row
     # exact LLA at its validation δ is the row above; only its marglik δ needs a new pass
     delta_rows = _rows_per_delta(
         "ExactLLA", exact, {"marglik": delta_marglik},
-        lambda la: _laplace_scores(la, x_test64, ds.y_test, x_ood64))
-    delta_rows.append(Row("ExactLLA, δ by val NLL", {"delta": delta, **exact_scores}))
+        lambda la: _laplace_scores(la, x_test64, ds.y_test, x_ood64, oods64))
+    exact.prior_precision = delta
+    delta_rows.append(Row("ExactLLA, δ by val NLL", {
+        "delta": delta, **exact_scores, **ood_aurocs(exact, x_test64, oods64)}))  # fmt: skip
     for name, context in (("ScaLLA", None), ("ScaLLA+context", ds.loader("context", cfg.batch_size, shuffle=True, seed=cfg.seed + 1))):  # noqa: E501
         la, fit = _fit_scalla(name, model, cfg, train, context, delta, log)
         ev, cov = _evaluate(la, ds.x_test, ds.x_ood)
@@ -235,8 +274,9 @@ def classification_demo(cfg: DemoConfig, log=print) -> tuple[list[Row], list[Row
         facts[f"{name} mean variance / exact"] = var_ratio
         delta_rows += _rows_per_delta(
             name, la, _own_deltas(la, val),
-            lambda la: _laplace_scores(la, ds.x_test, ds.y_test, ds.x_ood))  # fmt: skip
-    return rows, delta_rows, facts
+            lambda la: _laplace_scores(la, ds.x_test, ds.y_test, ds.x_ood, oods))  # fmt: skip
+    ood_rows = [Row("MAP (softmax)", map_ood)] + delta_rows
+    return rows, delta_rows, ood_rows, facts
 
 
 #: δ grid of the ten-class table: exact LLA's predictive over 10,770 function-space dimensions
@@ -408,7 +448,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict[str, Any]:
     """Run both parts, print the tables, return everything measured."""
     cfg = cfg or DemoConfig()
     with measure() as total:
-        rows, delta_rows, facts = classification_demo(cfg, log)
+        rows, delta_rows, ood_rows, facts = classification_demo(cfg, log)
         digits_rows = digits_quality(cfg, log) if cfg.all_classes else None
         diabetes_rows = diabetes_quality(cfg, log)
         reg_rows, png = regression_demo(cfg, log)
@@ -423,6 +463,11 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict[str, Any]:
     log("The same split, each Laplace method at its own δ (marglik; validation-NLL grid):")
     log(format_table(delta_rows, DELTA_COLUMNS))
     log("")
+    log("OOD detection on the same split, AUROC of fastlla.ood_score by kind ('entropy': the "
+        "default; 'variance_ratio': with context points); near = test digits 5-9, far = "
+        "noisy and quadrant-rotated test digits 0-4:")  # fmt: skip
+    log(format_table(ood_rows, OOD_COLUMNS))
+    log("")
     if digits_rows is not None:
         log("Digits, all 10 classes (no OOD set), each Laplace method at its own δ:")
         log(format_table(digits_rows, DELTA_COLUMNS[:5]))
@@ -435,6 +480,6 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict[str, Any]:
     log(format_table(reg_rows, REGRESSION_COLUMNS))
     log(f"\nplot: {png}")
     log(f"total wall time: {total.seconds:.0f} s")
-    return {"rows": rows, "delta_rows": delta_rows, "digits_rows": digits_rows,
+    return {"rows": rows, "delta_rows": delta_rows, "ood_rows": ood_rows, "digits_rows": digits_rows,
             "diabetes_rows": diabetes_rows, "facts": facts, "regression_rows": reg_rows,
             "plot": png, "seconds": total.seconds}  # fmt: skip

@@ -26,7 +26,26 @@ part 3), each of ``N = 540`` images:
 
 Methods: MAP (softmax), ExactLLA (float64; ``δ`` by marginal likelihood — the default workflow —
 and by validation NLL), ScaLLA without context and with each recipe (``--iterations``
-kernel-matching steps, seed 0) at ExactLLA's validation ``δ`` and at their own marglik ``δ``.
+kernel-matching steps, seed 0) at ExactLLA's validation ``δ`` and at their own marglik ``δ``;
+then the peers:
+
+* laplace-torch (imported lazily; its rows are skipped with a note when it is not installed):
+  its default ``Laplace(model, "classification")`` (last layer, Kronecker-factored GGN) and
+  ``subset_of_weights="all"`` with the same Kronecker structure, each at the ``δ`` of its
+  default workflow ``optimize_prior_precision(pred_type="glm", method="marglik")`` and at its
+  own validation ``δ`` (``method="gridsearch"`` on the validation split over the decades
+  ``10⁻⁴ … 10⁴``). The logit Gaussian is its GLM predictive (:func:`laplace_torch_gaussian`).
+* the authors' ScaLLA with context (the faithful re-implementation ``bench/suite/authors.py``,
+  importable only from a source checkout): their surrogate (M = 100), batch 5 + 5 context,
+  Adam lr 5e-5, the ``corrupted`` context with the training×context blocks of the kernel
+  zeroed (``zero_crossed_variances``), ``--authors-iterations`` kernel-matching steps (default
+  10,000: about fastlla's ScaLLA fit time at ``--iterations 1000``, the seconds of both are
+  recorded; ``--authors-seconds`` stops on wall-clock instead); scored at ExactLLA's
+  validation ``δ``, at the maximiser of their marginal likelihood and at their FMNIST run's
+  ``δ = 1`` (:func:`authors_context_fit`, :func:`authors_gaussian`).
+
+Every Laplace row is scored by :func:`fastlla.ood.gaussian_ood_scores` on the method's logit
+mean and covariance (and prior covariance), so every kind means the same for every method.
 Each row reports, per OOD set and :mod:`fastlla.ood` score kind, the AUROC and the FPR at
 95% TPR (OOD the positive class: the share of in-distribution test images flagged when 95% of
 the OOD images are), from ``sklearn.metrics``.
@@ -36,8 +55,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
+import os
+import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -45,14 +68,20 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastlla.exact import ExactLLA
-from fastlla.ood import KINDS, ood_scores
+from fastlla.ood import KINDS, gaussian_ood_scores, ood_scores
 from fastlla.scalla import ScaLLA
 
 from .data import load_digits_ood
 from .glyphs import LETTERS, SYMBOLS, render_glyphs
 from .models import DigitsCNN, keeps_global_rng, train_map
 
-__all__ = ["fpr_at_tpr", "far_ood", "symbol_context", "feature_outlier_context", "run"]
+__all__ = [
+    "fpr_at_tpr", "far_ood", "symbol_context", "feature_outlier_context", "laplace_torch_gaussian",
+    "authors_context_fit", "authors_gaussian", "run",
+]  # fmt: skip
+
+#: the δ grid of the peers' validation search (laplace-torch's own gridsearch, 9 decades)
+PEER_GRID = (-4, 4, 9)
 
 
 def fpr_at_tpr(scores_in, scores_out, tpr: float = 0.95) -> float:
@@ -116,8 +145,162 @@ def _rows(la, name, sets, kinds, n_samples=200) -> dict:
     return res
 
 
+def _gaussian_rows(gaussians: dict, kinds, n_samples: int = 200, seed: int = 0) -> dict:
+    """AUROC / FPR95 rows from ``{set: (mean, cov, prior_cov)}`` by
+    :func:`~fastlla.ood.gaussian_ood_scores` (the path :func:`~fastlla.ood.ood_scores` ends in)."""
+    scores = {}
+    for k, (mean, cov, prior) in gaussians.items():
+        gen = torch.Generator(device=mean.device).manual_seed(seed)
+        scores[k] = gaussian_ood_scores(mean, cov, kinds, prior_cov=prior, n_samples=n_samples,
+                                        generator=gen, seed=seed)  # fmt: skip
+    return {ood: {kind: _metrics(scores["in"][kind], scores[ood][kind]) for kind in kinds}
+            for ood in gaussians if ood != "in"}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- laplace-torch
+
+
+def laplace_torch_jacobians(la, x: torch.Tensor, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network output ``f`` (B, C) and the Jacobians ``J`` (B, C, P) a fitted laplace-torch
+    ``la`` uses for its GLM predictive: of the last layer for a last-layer Laplace, of all its
+    parameters otherwise (by the backend call its ``_glm_predictive_distribution`` makes)."""
+    from laplace.lllaplace import LLLaplace
+
+    if isinstance(la, LLLaplace):
+        jacobians = la.backend.last_layer_jacobians
+    elif "asdl" in la._backend_cls.__name__.lower():
+        jacobians = la.backend.functorch_jacobians
+    else:
+        jacobians = la.backend.jacobians
+    parts = [jacobians(xb) for xb in x.split(chunk)]  # chunks bound the backend's memory
+    return torch.cat([f.detach() for _, f in parts]), torch.cat([J.detach() for J, _ in parts])
+
+
+def laplace_torch_gaussian(
+    la, f: torch.Tensor, Js: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """laplace-torch's logit Gaussian at its current ``δ``: ``(f, Σ, Σ₀)`` with ``Σ = J Σ_post Jᵀ``
+    by ``la.functional_variance`` (what ``la._glm_predictive_distribution(x)`` returns, without
+    recomputing ``J`` for every ``δ``) and the prior predictive ``Σ₀ = J diag(1/δ) Jᵀ`` (``δ``
+    per parameter: ``la.prior_precision_diag``). ``f, Js``: :func:`laplace_torch_jacobians`."""
+    cov = la.functional_variance(Js).detach()
+    inv_prior = 1.0 / la.prior_precision_diag.detach().to(Js.dtype)
+    prior = torch.einsum("bcp,p,bkp->bck", Js, inv_prior, Js)
+    return f, cov, prior
+
+
+def _laplace_torch_rows(model, ds, sets, log) -> tuple[dict, dict]:
+    """laplace-torch's last-layer and all-weights Kronecker rows (see the module docstring)."""
+    try:
+        from laplace import Laplace
+    except ImportError:
+        log("note: laplace-torch is not installed; its rows are skipped")
+        return {}, {}
+    rows, facts = {}, {}
+    lo, hi, n = PEER_GRID
+    for name, kw in (("laplace-torch last-layer kron", {}),
+                     ("laplace-torch all kron", {"subset_of_weights": "all",
+                                                  "hessian_structure": "kron"})):  # fmt: skip
+        t0 = time.time()
+        la = Laplace(copy.deepcopy(model), "classification", **kw)
+        la.fit(ds.loader("train", 128))
+        with warnings.catch_warnings():  # its reminder that link_approx defaults to probit
+            warnings.simplefilter("ignore", UserWarning)
+            la.optimize_prior_precision(pred_type="glm", method="marglik")
+            d_ml = la.prior_precision.detach().clone()
+            la.optimize_prior_precision(pred_type="glm", method="gridsearch",
+                                        val_loader=ds.loader("val", 32), link_approx="probit",
+                                        log_prior_prec_min=lo, log_prior_prec_max=hi,
+                                        grid_size=n)  # fmt: skip
+            d_val = la.prior_precision.detach().clone()
+        jac = {k: laplace_torch_jacobians(la, x) for k, x in sets.items()}
+        for label, delta in (("own marglik", d_ml), ("own val", d_val)):
+            la.prior_precision = delta
+            gauss = {k: laplace_torch_gaussian(la, *fj) for k, fj in jac.items()}
+            rows[f"{name}, δ {label}"] = _gaussian_rows(gauss, KINDS)
+        facts[f"{name} δ marglik"] = float(d_ml.mean())
+        facts[f"{name} δ val"] = float(d_val.mean())
+        log(f"{name}: δ marglik {float(d_ml.mean()):.4g}, δ val {float(d_val.mean()):.4g} "
+            f"({time.time() - t0:.0f} s)")  # fmt: skip
+    return rows, facts
+
+
+# --------------------------------------------------------------------------- the authors' ScaLLA
+
+
+def _authors_module():
+    """``bench/suite/authors.py`` of this source checkout, or ``None`` (an installed package)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "suite", "authors.py")
+    if not os.path.isfile(path):
+        return None
+    name = "fastlla_bench_authors"  # loaded from its file: sys.path is left as it is
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: its dataclasses and pickling look it up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def authors_context_fit(model, x_train, y_train, x_context, seconds: float | None = None,
+                        iterations: int = 10**9, seed: int = 0, n_features: int = 100,
+                        zero_crossed_variances: bool = True):  # fmt: skip
+    """The authors' ScaLLA with context points, their FMNIST settings: their surrogate
+    (``n_features``), their loaders (batch 5, shuffled; context loader seeded ``seed + 1``),
+    Adam lr 5e-5, weight decay 0.0, the training×context kernel blocks zeroed, ``δ = 1`` (no
+    hyper-parameter step); kernel matching stops after ``iterations`` steps or ``seconds`` of
+    training wall-clock. Returns the fitted ``AuthorsScaLLA`` (``steps``, ``train_seconds``).
+    Raises ``ImportError`` outside a source checkout (no ``bench/suite/authors.py``)."""
+    A = _authors_module()
+    if A is None:
+        raise ImportError("the authors' baseline bench/suite/authors.py is not in this checkout")
+    surrogate = A.authors_surrogate(model, n_features, x_train[:5], seed=seed)
+    la = A.AuthorsScaLLA(model, surrogate, "classification", seed=seed)
+    train = A.authors_loader(x_train, y_train, 5, seed)
+    context = A.authors_loader(x_context, None, 5, seed + 1)
+    la.fit(iterations, train, context, zero_crossed_variances=zero_crossed_variances,
+           weight_decay=0.0, lr=5e-5, optimize_hyper_parameters=False,
+           time_budget=seconds)  # fmt: skip
+    return la
+
+
+@torch.no_grad()
+def authors_gaussian(la, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The authors' logit Gaussian at their current ``δ``: ``(f, Σ, Σ₀)``, ``f, Σ`` the diagonal
+    ``C×C`` blocks of their predictive (``predictive_covariance(x, full_cross=False)``) and
+    ``Σ₀ = Φ(x)ᵀ diag(1/δ) Φ(x)`` the same features under the prior alone."""
+    f, cov = la.predictive_covariance(x, full_cross=False)
+    phi = la.feature_model(x.to(la.device).to(la.dtype))  # (B, M, C), surrogate in eval mode
+    inv_prior = 1.0 / la.prior_precision_diag.to(phi.dtype)
+    return f, cov, torch.einsum("bma,m,bmc->bac", phi, inv_prior, phi)
+
+
+def _authors_rows(model, ds, sets, iterations: int, seconds: float | None, d_val: float, seed: int,
+                  log) -> tuple[dict, dict]:  # fmt: skip
+    if _authors_module() is None:
+        log("note: bench/suite/authors.py is not in this checkout; the authors' rows are skipped")
+        return {}, {}
+    name = "authors' ScaLLA+corrupted (zeroed cross)"
+    la = authors_context_fit(model, ds.x_train, ds.y_train, ds.x_context, seconds=seconds,
+                             iterations=iterations, seed=seed)  # fmt: skip
+    # Their marginal likelihood, maximised: their optimize_hyper_parameters (Adam on log δ from
+    # δ = 1) with lr 0.1 × 500 steps; their defaults (lr 1e-3 × 100) move log δ by at most 0.1.
+    la.optimize_hyper_parameters(lr=0.1, iterations=500)
+    d_ml = float(la.prior_precision)
+    rows = {}
+    for label, delta in (("their marglik", d_ml), ("exact val", d_val), ("1 (theirs)", 1.0)):
+        la.prior_precision = delta
+        rows[f"{name}, δ {label}"] = _gaussian_rows({k: authors_gaussian(la, x) for k, x in sets.items()}, KINDS)
+    facts = {f"{name} steps": la.steps, f"{name} seconds": round(la.train_seconds, 1),
+             f"{name} δ their marglik": d_ml}  # fmt: skip
+    log(f"{name}: {la.steps} steps in {la.train_seconds:.0f} s; their marglik δ {d_ml:.4g}")
+    return rows, facts
+
+
 @keeps_global_rng
-def run(iterations: int = 300, seed: int = 0, log=print) -> dict:
+def run(iterations: int = 300, seed: int = 0, log=print, authors_iterations: int = 10_000,
+        authors_seconds: float | None = None, peers: bool = True, only_peers: bool = False,
+        exact_val_delta: float = 100.0) -> dict:
     """The benchmark; returns ``{method: {ood set: {kind: {"auroc", "fpr95"}}}}`` and facts."""
     t0 = time.time()
     torch.manual_seed(seed)
@@ -143,6 +326,16 @@ def run(iterations: int = 300, seed: int = 0, log=print) -> dict:
         ood: {kind: _metrics(map_scores["in"][kind], map_scores[ood][kind]) for kind in map_scores["in"]}
         for ood in sets if ood != "in"
     }  # fmt: skip
+    if only_peers:  # the peers' rows alone (the authors' "exact val" row at exact_val_delta)
+        rows, facts = _laplace_torch_rows(model, ds, sets, log)
+        out["methods"].update(rows)
+        out["facts"].update(facts)
+        rows, facts = _authors_rows(model, ds, sets, authors_iterations, authors_seconds,
+                                    exact_val_delta, seed, log)  # fmt: skip
+        out["methods"].update(rows)
+        out["facts"].update(facts)
+        out["facts"]["seconds"] = round(time.time() - t0)
+        return out
     exact = ExactLLA(copy.deepcopy(model).double(), "classification").fit(ds.loader("train", 128))
     sets64 = {k: v.double() for k, v in sets.items()}
     d_ml = float(exact.optimize_prior_precision("marglik"))
@@ -155,12 +348,22 @@ def run(iterations: int = 300, seed: int = 0, log=print) -> dict:
     for name, ctx in (("ScaLLA", None), *((f"ScaLLA+{k}", v) for k, v in contexts.items())):
         la = ScaLLA(model, "classification", n_features=128, prior_precision=d_val, seed=seed)
         loader = None if ctx is None else _context_loader(ctx, seed + 1)
+        t_fit = time.perf_counter()
         la.fit(train, context_loader=loader, iterations=iterations, progress_bar=False)
+        out["facts"][f"{name} fit seconds"] = round(time.perf_counter() - t_fit, 1)
         out["methods"][f"{name}, δ exact val"] = _rows(la, name, sets, KINDS)
         own = float(la.optimize_prior_precision("marglik"))
         out["methods"][f"{name}, δ own marglik"] = _rows(la, name, sets, KINDS)
         out["facts"][f"{name} own marglik δ"] = own
         log(f"{name}: own marglik δ {own:.4g} ({time.time() - t0:.0f} s so far)")
+    if peers:
+        rows, facts = _laplace_torch_rows(model, ds, sets, log)
+        out["methods"].update(rows)
+        out["facts"].update(facts)
+        rows, facts = _authors_rows(model, ds, sets, authors_iterations, authors_seconds, d_val,
+                                    seed, log)  # fmt: skip
+        out["methods"].update(rows)
+        out["facts"].update(facts)
     out["facts"]["seconds"] = round(time.time() - t0)
     return out
 
@@ -174,10 +377,10 @@ def format_tables(out: dict, metric: str = "auroc") -> str:
              "logdet_ratio": "logdet ratio"}  # fmt: skip
     for ood in ("near", "letters", "far"):
         lines.append(f"\n{metric.upper()}, OOD = {ood}")
-        lines.append(f"{'method':40s}" + "".join(f"{short[k]:>13s}" for k in kinds))
+        lines.append(f"{'method':58s}" + "".join(f"{short[k]:>13s}" for k in kinds))
         for method, res in out["methods"].items():
             cells = [res[ood][k][metric] if k in res[ood] else None for k in kinds]
-            lines.append(f"{method:40s}" + "".join(
+            lines.append(f"{method:58s}" + "".join(
                 f"{'-':>13s}" if c is None else f"{c:13.3f}" for c in cells))  # fmt: skip
     return "\n".join(lines)
 
@@ -187,9 +390,19 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--authors-iterations", type=int, default=10_000,
+                        help="the authors' kernel-matching steps")
+    parser.add_argument("--authors-seconds", type=float, default=None,
+                        help="stop the authors' kernel matching after this many seconds")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip the laplace-torch and authors' rows")
+    parser.add_argument("--only-peers", action="store_true",
+                        help="MAP and the laplace-torch and authors' rows only")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    out = run(args.iterations, args.seed)
+    out = run(args.iterations, args.seed, authors_iterations=args.authors_iterations,
+              authors_seconds=args.authors_seconds, peers=not args.no_peers,
+              only_peers=args.only_peers)
     print(format_tables(out, "auroc"))
     print(format_tables(out, "fpr95"))
     print(json.dumps(out["facts"], indent=1))
