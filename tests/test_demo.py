@@ -15,8 +15,8 @@ def test_diabetes_quality_rows():
     names = [r.method for r in rows]
     assert names == [
         "MAP",
-        "ExactLLA, δ by marglik", "ExactLLA, δ by val NLL",
-        "ScaLLA, δ by marglik", "ScaLLA, δ by val NLL",
+        "ExactLLA, δ by init (default)", "ExactLLA, δ by marglik", "ExactLLA, δ by val NLL",
+        "ScaLLA, δ by init (default)", "ScaLLA, δ by marglik", "ScaLLA, δ by val NLL",
     ]  # fmt: skip
     for row in rows:
         assert all(math.isfinite(v) for v in row.values.values()), row
