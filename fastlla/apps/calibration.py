@@ -185,7 +185,9 @@ def _classification_row(probs: torch.Tensor, probs_ood: torch.Tensor | None, ds:
     values = _classification_scores(probs, probs_ood, ds.y_test)
     if "auroc_entropy" in values:
         values["auroc"] = values.pop("auroc_entropy")
-    predictions = {"probs": probs} if probs_ood is None else {"probs": probs, "probs_ood": probs_ood}
+    predictions = {"probs": probs}
+    if probs_ood is not None:
+        predictions["probs_ood"] = probs_ood
     return values, predictions
 
 
@@ -199,12 +201,12 @@ def _gap_targets(ds: Dataset, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _regression_row(predict, sigma: float, ds: Dataset, seed: int):
     """Scores of the Gaussian predictive ``predict(x) -> (mean, var)`` (function-space variance,
     ``(N, D)``) with noise ``σ²`` added."""
-    mean, var = predict(ds.x_test)
+    mean, var = (t.double() for t in predict(ds.x_test))  # σ² added in float64
     values = _regression_scores(mean, var, sigma, ds.y_test)
     values.pop("sigma")
     if ds.x_grid is not None:
         x, y = _gap_targets(ds, seed)
-        m, v = predict(x)
+        m, v = (t.double() for t in predict(x))
         for key, mask in (("nll_gap", x.abs() < 1), ("nll_outside", x.abs() > 3)):
             rows = mask.squeeze(-1)
             values[key] = metrics.gaussian_nll(m[rows], v[rows] + sigma**2, y[rows])
@@ -330,8 +332,10 @@ def evaluate(
         sigma = float(la.sigma_noise) if regression else None
         default = row(method, "default", delta, sigma, _score_laplace(la, ds, dtype, seed))
         default.bar = bar_failures(default, rows[0], lt_row)
-        delta = float(la.optimize_prior_precision("gridsearch", val_loader=val, grid=list(cfg.grid)))
-        rows += [default, row(method, "validation δ", delta, sigma, _score_laplace(la, ds, dtype, seed))]
+        delta = float(la.optimize_prior_precision("gridsearch", val_loader=val,
+                                                  grid=list(cfg.grid)))  # fmt: skip
+        validation = row(method, "validation δ", delta, sigma, _score_laplace(la, ds, dtype, seed))
+        rows += [default, validation]
         log(f"  {method} ({time.perf_counter() - t:.0f} s)")
     return rows
 
@@ -410,10 +414,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", default="1e-4,0",
                         help="comma-separated weight decays of the MAP training")  # fmt: skip
     parser.add_argument("--iterations", type=int, default=None,
-                        help="ScaLLA kernel-matching steps (default 1000; 50 with --quick)")  # fmt: skip
+                        help="ScaLLA kernel-matching steps (default 1000; 50 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"CI-sized: {','.join(QUICK)}, weight decay 1e-4, 10 training epochs")  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true",
+        help=f"CI-sized: {','.join(QUICK)}, weight decay 1e-4, 10 training epochs",
+    )
     parser.add_argument("--no-laplace-torch", action="store_true",
                         help="leave laplace-torch's rows out")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the table to FILE.md or FILE.json")
@@ -437,8 +443,8 @@ def _command(args: argparse.Namespace) -> str:
              f"--weight-decay {args.weight_decay}", f"--seed {args.seed}"]  # fmt: skip
     if args.iterations is not None:
         parts.append(f"--iterations {args.iterations}")
-    parts += [flag for flag, on in (("--quick", args.quick),
-                                    ("--no-laplace-torch", args.no_laplace_torch)) if on]  # fmt: skip
+    flags = (("--quick", args.quick), ("--no-laplace-torch", args.no_laplace_torch))
+    parts += [flag for flag, on in flags if on]
     return " ".join(parts)
 
 

@@ -5,8 +5,8 @@ Commands
 demo      MAP vs ExactLLA vs ScaLLA on digits (with OOD) and a 1-D gap regression.
 backends  Which implementation (native C++/CUDA or pure-PyTorch reference) each op uses.
 fidelity  Held-out kernel error vs training cost of ScaLLA configurations (digits CNN).
-calibration  Issue 15's table: MAP, laplace-torch, ExactLLA and ScaLLA with and without
-          validation data, on six data sets (NLL, ECE, Brier, OOD AUROC).
+calibration  MAP, laplace-torch, ExactLLA and ScaLLA, default workflow and validation δ
+          (issue 15's table: NLL, ECE, Brier, OOD AUROC on six data sets).
 bench     Benchmarks against ExactLLA and laplace-torch; writes bench/results/suite/<date>-<device>.md.
 """
 

@@ -363,7 +363,9 @@ def load_tabular_split(name: str, seed: int = 0) -> Dataset:
         Unknown ``name``.
     """
     if name not in _TABULAR:
-        raise ValueError(f"fastlla: unknown tabular data set {name!r}; use one of {sorted(_TABULAR)}")
+        raise ValueError(
+            f"fastlla: unknown tabular data set {name!r}; use one of {sorted(_TABULAR)}"
+        )
     raw = _TABULAR[name]()
     x, y = raw.data.astype(np.float64), raw.target.astype(np.int64)
     tr, va, te = _split_indices(y, len(y), seed)
