@@ -346,8 +346,13 @@ def _laplace_torch_available() -> bool:
     return importlib.util.find_spec("laplace") is not None
 
 
-def run_calibration(cfg: CalibrationConfig | None = None, log=print) -> list[Result]:
-    """Every row of every (data set, weight decay) of ``cfg``, data sets in the order given."""
+def run_calibration(
+    cfg: CalibrationConfig | None = None,
+    log=print,
+    on_network: Callable[[list[Result]], None] | None = None,
+) -> list[Result]:
+    """Every row of every (data set, weight decay) of ``cfg``, data sets in the order given;
+    ``on_network(rows so far)`` is called after each network (e.g. to save partial results)."""
     cfg = cfg or CalibrationConfig()
     unknown = [d for d in cfg.datasets if d not in DATASETS]
     if unknown:
@@ -361,6 +366,8 @@ def run_calibration(cfg: CalibrationConfig | None = None, log=print) -> list[Res
         ds = load_dataset(name, cfg.seed)
         for wd in cfg.weight_decays:
             results += evaluate(name, ds, wd, cfg, log)
+            if on_network is not None:
+                on_network(results)
     return results
 
 
@@ -448,23 +455,35 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def _write(path: str, results: list[Result], command: str, cfg: CalibrationConfig,
+           seconds: float, complete: bool) -> None:
+    """``--out``: JSON (rows without predictions) or the markdown tables; a run still going
+    (``complete=False``) is marked partial."""
+    if path.endswith(".json"):
+        text = json.dumps({"command": command, "config": asdict(cfg), "seconds": seconds,
+                           "complete": complete, "rows": [r.to_json() for r in results]},
+                          indent=1)  # fmt: skip
+    else:
+        state = "" if complete else "**partial** (the run was still going), "
+        text = (f"`{command}` ({state}{seconds:.0f} s; torch {torch.__version__}, "
+                f"{torch.get_num_threads()} thread(s))\n\n{format_markdown(results)}\n")  # fmt: skip
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main(args: argparse.Namespace) -> list[Result]:
-    """Run, print the markdown tables, write ``--out``."""
+    """Run, print the markdown tables, write ``--out`` (after every network, then complete)."""
     cfg = config_from_args(args)
-    t0 = time.perf_counter()
-    with torch.random.fork_rng():
-        results = run_calibration(cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True))
-    seconds = time.perf_counter() - t0
-    table = format_markdown(results)
-    print(table)
     command = _command(args)
-    if args.out:
-        if args.out.endswith(".json"):
-            text = json.dumps({"command": command, "config": asdict(cfg), "seconds": seconds,
-                               "rows": [r.to_json() for r in results]}, indent=1)  # fmt: skip
-        else:
-            text = (f"`{command}` ({seconds:.0f} s; torch {torch.__version__}, "
-                    f"{torch.get_num_threads()} thread(s))\n\n{table}\n")  # fmt: skip
-        with open(args.out, "w") as f:
-            f.write(text)
+    t0 = time.perf_counter()
+
+    def save(results: list[Result], complete: bool = False) -> None:
+        if args.out:
+            _write(args.out, results, command, cfg, time.perf_counter() - t0, complete)
+
+    with torch.random.fork_rng():
+        results = run_calibration(cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True),
+                                  on_network=save)  # fmt: skip
+    save(results, complete=True)
+    print(format_markdown(results))
     return results
