@@ -99,7 +99,7 @@ class CalibrationConfig:
 
     datasets: Sequence[str] = DATASETS
     weight_decays: Sequence[float] = (1e-4, 0.0)
-    iterations: int = 1000
+    iterations: int = 500
     seed: int = 0
     epochs: int | None = None
     grid: Sequence[float] = GRID
@@ -421,7 +421,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", default="1e-4,0",
                         help="comma-separated weight decays of the MAP training")  # fmt: skip
     parser.add_argument("--iterations", type=int, default=None,
-                        help="ScaLLA kernel-matching steps (default 1000; 50 with --quick)")
+                        help="ScaLLA kernel-matching steps (default 500; 50 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--quick", action="store_true",
@@ -438,7 +438,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
                      else (d.strip() for d in args.datasets.split(",") if d.strip()))  # fmt: skip
     wds = (1e-4,) if quick and args.weight_decay == "1e-4,0" else tuple(
         float(w) for w in args.weight_decay.split(","))  # fmt: skip
-    iterations = args.iterations if args.iterations is not None else (50 if quick else 1000)
+    iterations = args.iterations if args.iterations is not None else (50 if quick else 500)
     return CalibrationConfig(datasets=datasets, weight_decays=wds, iterations=iterations,
                              seed=args.seed, epochs=10 if quick else None,
                              laplace_torch=not args.no_laplace_torch)  # fmt: skip
