@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_diabetes, load_digits
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_wine
 
 from fastlla.apps.data import (
     CONTEXT_RECIPES,
@@ -13,6 +13,7 @@ from fastlla.apps.data import (
     load_diabetes_split,
     load_digits_ood,
     load_digits_split,
+    load_tabular_split,
     make_gap_regression,
 )
 
@@ -209,6 +210,34 @@ def test_diabetes_standardised_with_train_statistics():
     assert np.allclose(raw.data[test_idx], x_back.numpy(), atol=1e-6)
     assert np.allclose(raw.target[test_idx], y_back[:, 0].numpy(), rtol=1e-5)
     assert _same(data, load_diabetes_split())
+
+
+@pytest.mark.parametrize("name, loader, sizes", [
+    ("wine", load_wine, [106, 36, 36]), ("breast_cancer", load_breast_cancer, [341, 114, 114]),
+])  # fmt: skip
+def test_tabular_split_stratified_and_standardised_with_train_statistics(name, loader, sizes):
+    data = load_tabular_split(name)
+    raw = loader()
+    assert [len(data.x_train), len(data.x_val), len(data.x_test)] == sizes
+    assert data.n_classes == len(np.unique(raw.target)) and data.likelihood == "classification"
+    assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
+    assert data.x_train.double().mean(0).abs().max() < 1e-5
+    assert (data.x_train.double().std(0, unbiased=False) - 1).abs().max() < 1e-5
+    # every row of sklearn's data in exactly one split, with its label
+    back = torch.cat([data.x_train, data.x_val, data.x_test]).double().numpy()
+    back = back * data.info["x_std"] + data.info["x_mean"]
+    labels = torch.cat([data.y_train, data.y_val, data.y_test]).numpy()
+    order = [int(np.argmin(np.abs(raw.data - row).sum(1))) for row in back]
+    assert sorted(order) == list(range(len(raw.target)))
+    assert np.allclose(raw.data[order], back, rtol=1e-5, atol=1e-4)
+    assert (raw.target[order] == labels).all()
+    # stratified: class shares of train and test within one sample of the whole's
+    for split in (data.y_train, data.y_test):
+        share = np.bincount(split.numpy(), minlength=data.n_classes) / len(split)
+        assert np.abs(share - np.bincount(raw.target) / len(raw.target)).max() <= 1 / len(split)
+    assert _same(data, load_tabular_split(name))
+    with pytest.raises(ValueError, match="unknown tabular data set 'iris'"):
+        load_tabular_split("iris")
 
 
 def test_gap_regression():

@@ -1,7 +1,8 @@
 """Which ``δ`` does each no-validation criterion choose, and how good is the predictive there?
 
-Issue 15's study (results and discussion: ``docs/calibration.md``). For each network (trained by
-:func:`fastlla.apps.models.train_map` with weight decay 1e-4 and with none) it fits
+Issue 15's study (results and discussion: ``docs/calibration.md``). For each network (the one
+``python -m fastlla calibration`` trains, :func:`fastlla.apps.calibration.train_network`, with
+weight decay 1e-4 and with none) it fits
 :class:`fastlla.ExactLLA` in float64, forms the training set's Jacobians ``J`` (N, C, P), the
 softmax Hessians ``Λ`` and the function-space Gram ``ĴĴᵀ`` (``Ĵ = Λ^{1/2}J``), and scores a
 log-spaced ``δ`` grid by
@@ -34,35 +35,15 @@ import copy
 
 import numpy as np
 import torch
-from sklearn.datasets import load_breast_cancer, load_wine
-from sklearn.model_selection import train_test_split
 
 from fastlla import ExactLLA
 from fastlla import metrics as M
-from fastlla.apps.data import Dataset, load_digits_ood, load_digits_split
-from fastlla.apps.models import MLP, DigitsCNN, train_map
+from fastlla.apps.calibration import load_dataset, train_network
+from fastlla.apps.data import Dataset
 from fastlla.predictive import class_probabilities
 
 GRID = [10.0**k for k in np.arange(-2, 4.01, 0.5)]
 N_MC = 256
-
-
-def tabular(name: str, seed: int = 0) -> Dataset:
-    """scikit-learn's wine or breast cancer, standardised on the training split, 60/20/20."""
-    data = {"wine": load_wine, "breast_cancer": load_breast_cancer}[name]()
-    x, y = data.data.astype(np.float32), data.target.astype(np.int64)
-    rest, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=y)
-    tr, va = train_test_split(rest, test_size=0.25, random_state=seed, stratify=y[rest])
-    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-8
-    x, t = (x - mu) / sd, torch.from_numpy
-    return Dataset(t(x[tr]), t(y[tr]), t(x[va]), t(y[va]), t(x[te]), t(y[te]),
-                   n_classes=int(y.max() + 1), name=name)  # fmt: skip
-
-
-def network(name: str, ds: Dataset) -> torch.nn.Module:
-    if name.startswith("digits"):
-        return DigitsCNN(n_classes=ds.n_classes)
-    return MLP(ds.x_train.shape[1], ds.n_classes, (50,))
 
 
 def scores(la: ExactLLA, ds: Dataset) -> dict[str, float]:
@@ -79,23 +60,10 @@ def psd_sqrt(L: torch.Tensor) -> torch.Tensor:
     return (V * e.clamp_min(0).sqrt()[..., None, :]) @ V.mT
 
 
-def load(name: str) -> Dataset:
-    """The study's data sets: ``digits_ood``, ``digits`` or a :func:`tabular` one."""
-    if name == "digits_ood":
-        return load_digits_ood(seed=0)
-    if name == "digits":
-        return load_digits_split(seed=0)
-    return tabular(name)
-
-
 def trained_exact(name: str, ds: Dataset, weight_decay: float, seed: int = 0):
-    """The MAP network (trained on a fork of the global RNG, then in float64) and exact LLA
-    fitted on the training split."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = train_map(network(name, ds), ds.loader("train", 64, shuffle=True, seed=seed),
-                          weight_decay=weight_decay, seed=seed)  # fmt: skip
-    model = copy.deepcopy(model).double()
+    """The MAP network of ``python -m fastlla calibration`` (trained on a fork of the global
+    RNG), in float64, and exact LLA fitted on the training split."""
+    model = copy.deepcopy(train_network(name, ds, weight_decay, seed)).double()
     la = ExactLLA(model, "classification")
     la.fit(ds.loader("train", 128))
     return model, la
@@ -203,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.data:
-        ds = load(name)
+        ds = load_dataset(name)
         for wd in (1e-4, 0.0):
             print(f"\n### {name}, weight decay {wd:g} (N = {len(ds.x_train)})\n")
             print("| criterion | δ | test NLL | ECE | OOD AUROC |\n|---|---|---|---|---|")

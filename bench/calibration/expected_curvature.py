@@ -17,9 +17,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from evidence_study import jacobians, load, psd_sqrt, softmax_hessian, trained_exact  # noqa: E402
+from evidence_study import jacobians, psd_sqrt, softmax_hessian, trained_exact  # noqa: E402
 
 from fastlla import metrics as M  # noqa: E402
+from fastlla.apps.calibration import load_dataset  # noqa: E402
 from fastlla.predictive import class_probabilities  # noqa: E402
 
 DELTAS = [0.1, 0.316, 1, 3.16, 10, 31.6, 100]
@@ -27,7 +28,7 @@ N_ITERATIONS, N_MC = 6, 128
 
 
 def run(name: str, weight_decay: float = 1e-4) -> None:
-    ds = load(name)
+    ds = load_dataset(name)
     _, la = trained_exact(name, ds, weight_decay)
     J, f = jacobians(la, ds.x_train)
     Jt, ft = jacobians(la, ds.x_test)

@@ -5,6 +5,8 @@ Commands
 demo      MAP vs ExactLLA vs ScaLLA on digits (with OOD) and a 1-D gap regression.
 backends  Which implementation (native C++/CUDA or pure-PyTorch reference) each op uses.
 fidelity  Held-out kernel error vs training cost of ScaLLA configurations (digits CNN).
+calibration  MAP, laplace-torch, ExactLLA and ScaLLA, default workflow and validation δ
+          (issue 15's table: NLL, ECE, Brier, OOD AUROC on six data sets).
 bench     Benchmarks against ExactLLA and laplace-torch; writes bench/results/suite/<date>-<device>.md.
 """
 
@@ -53,6 +55,13 @@ def _fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration(args: argparse.Namespace) -> int:
+    from .calibration import main as calibration_main
+
+    calibration_main(args)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -91,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     fidelity = sub.add_parser("fidelity", help="kernel error vs cost of ScaLLA configurations")
     fidelity_arguments(fidelity)
     fidelity.set_defaults(run=_fidelity)
+
+    from .calibration import add_arguments as calibration_arguments
+
+    calibration = sub.add_parser(
+        "calibration", help="default workflow vs validation δ vs MAP and laplace-torch (issue 15)"
+    )
+    calibration_arguments(calibration)
+    calibration.set_defaults(run=_calibration)
 
     bench = sub.add_parser("bench", help="benchmark suite and report (run from a checkout)")
     size = bench.add_mutually_exclusive_group()

@@ -10,6 +10,8 @@ Shapes
 * digits: images ``(N, 1, 8, 8)`` in ``[0, 1]`` (``(N, 64)`` with ``flat=True``), labels ``(N,)``.
 * diabetes: inputs ``(N, 10)``, targets ``(N, 1)``, both standardised with *training* statistics.
 * gap regression: inputs ``(N, 1)``, targets ``(N, 1)``, plus a dense plotting grid.
+* wine, breast cancer: inputs ``(N, 13)`` / ``(N, 30)`` standardised with training statistics,
+  labels ``(N,)``.
 
 The OOD variant of digits (:func:`load_digits_ood`) trains on a subset of the classes and holds the
 rest out. Its OOD test images come from the test split only, and its context points (inputs a
@@ -24,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from sklearn.datasets import load_diabetes, load_digits
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_wine
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -34,6 +36,7 @@ __all__ = [
     "CONTEXT_RECIPES",
     "load_digits_split",
     "load_digits_ood",
+    "load_tabular_split",
     "load_diabetes_split",
     "make_gap_regression",
 ]
@@ -327,6 +330,52 @@ def load_digits_ood(
             "seed": seed, "in_classes": in_classes, "out_classes": out_classes,
             "context": context, "recipe": recipe, "y_ood_digit": base.y_test[ood_mask].clone(),
         },
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# tabular classification
+# --------------------------------------------------------------------------------------------
+
+_TABULAR = {"wine": load_wine, "breast_cancer": load_breast_cancer}
+
+
+def load_tabular_split(name: str, seed: int = 0) -> Dataset:
+    """scikit-learn's wine (178 × 13, 3 classes) or breast cancer (569 × 30, 2 classes),
+    stratified 60/20/20 split, inputs standardised with the *training* split's statistics
+    (``info["x_mean"]``, ``info["x_std"]``).
+
+    Parameters
+    ----------
+    name : {"wine", "breast_cancer"}
+    seed : int
+        ``random_state`` of the split.
+
+    Returns
+    -------
+    Dataset
+        wine 106 / 36 / 36 rows, breast cancer 341 / 114 / 114; ``x`` float32 ``(N, D)``,
+        ``y`` int64 ``(N,)``.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``name``.
+    """
+    if name not in _TABULAR:
+        raise ValueError(
+            f"fastlla: unknown tabular data set {name!r}; use one of {sorted(_TABULAR)}"
+        )
+    raw = _TABULAR[name]()
+    x, y = raw.data.astype(np.float64), raw.target.astype(np.int64)
+    tr, va, te = _split_indices(y, len(y), seed)
+    x_mean, x_std = x[tr].mean(0), x[tr].std(0)
+    xs = torch.from_numpy(((x - x_mean) / x_std).astype(np.float32))
+    t = torch.from_numpy
+    return Dataset(
+        x_train=xs[tr], y_train=t(y[tr]), x_val=xs[va], y_val=t(y[va]),
+        x_test=xs[te], y_test=t(y[te]), n_classes=int(y.max()) + 1, name=name,
+        info={"seed": seed, "x_mean": x_mean, "x_std": x_std},
     )  # fmt: skip
 
 
