@@ -34,6 +34,15 @@ def gap():
     return run("gap", epochs=30)
 
 
+def kaiming_isotropic(model):
+    """``P / Σ E[θ²]`` of PyTorch's default ``nn.Linear`` init (``U(±1/√fan_in)`` for weights
+    and biases: ``E[θ²] = 1/(3·fan_in)``); the measured one is a mean of ≥ 4096 draws per
+    tensor, within 7% (five standard errors)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    P = sum(p.numel() for m in layers for p in m.parameters())
+    return P / sum(p.numel() / (3 * m.in_features) for m in layers for p in m.parameters())
+
+
 def numpy_scores(probs, y, n_bins=15):
     p, y = np.asarray(probs, dtype=np.float64), np.asarray(y)
     onehot = np.eye(p.shape[1])[y]
@@ -69,8 +78,9 @@ def test_classification_rows_match_numpy_and_an_explicit_lla(wine):
     cfg, rows, log = wine
     assert "note: laplace-torch is not installed; its rows are left out" in log
     assert [(r.method, r.workflow) for r in rows] == [
-        ("MAP", "network"), ("ExactLLA", "default"), ("ExactLLA", "validation δ"),
-        ("ScaLLA", "default"), ("ScaLLA", "validation δ"),
+        ("MAP", "network"), ("ExactLLA", "default"), ("ExactLLA", "marglik"),
+        ("ExactLLA", "validation δ"), ("ScaLLA", "default"), ("ScaLLA", "marglik"),
+        ("ScaLLA", "validation δ"),
     ]  # fmt: skip
     ds = cal.load_dataset("wine")
     y = ds.y_test.numpy()
@@ -113,11 +123,14 @@ def test_classification_rows_match_numpy_and_an_explicit_lla(wine):
         var = cov.diagonal(dim1=1, dim2=2)
         return torch.softmax(fx_ / torch.sqrt(1 + math.pi / 8 * var), -1)
 
-    default, validation = rows[1], rows[2]
-    d = default.delta
+    default, marglik, validation = rows[1], rows[2], rows[3]
+    # default: the initialisation prior, P / Σ E[θ²] with Kaiming-uniform's E[θ²] = 1/(3·fan_in)
+    assert default.delta == pytest.approx(kaiming_isotropic(model), rel=0.07)
+    d = marglik.delta
     assert evidence(d) >= max(evidence(d * 1.01), evidence(d / 1.01)) - 1e-9 * abs(evidence(d))
-    np.testing.assert_allclose(default.predictions["probs"].numpy(),
-                               predictive(d, Kxx, KxX, fx).numpy(), rtol=1e-6, atol=1e-9)  # fmt: skip
+    for r in (default, marglik):
+        np.testing.assert_allclose(r.predictions["probs"].numpy(),
+                                   predictive(r.delta, Kxx, KxX, fx).numpy(), rtol=1e-6, atol=1e-9)  # fmt: skip
     # validation δ: the grid's value of least validation NLL of the same predictive
     _, KvX, Kvv, _, fv = function_space(model, ds.x_train.double(), ds.x_val.double())
     val_nll = [numpy_scores(predictive(g, Kvv, KvX, fv), ds.y_val.numpy())["nll"] for g in cfg.grid]
@@ -159,9 +172,11 @@ def test_regression_rows_match_numpy_and_an_explicit_lla(gap):
         assert math.isfinite(r.metrics["nll_gap"]) and math.isfinite(r.metrics["nll_outside"])
     assert np.all(rows[0].predictions["var"].numpy() == 0)
 
-    # ExactLLA default: (δ, σ) by the evidence; its variance is the function-space GP's
-    exact = rows[1]
-    assert (exact.method, exact.workflow) == ("ExactLLA", "default")
+    # ExactLLA: the default workflow's δ is the initialisation prior's, its σ maximises the
+    # evidence at that δ; marglik maximises it in both; the variance is the function-space GP's
+    default, exact = rows[1], rows[2]
+    assert (default.method, default.workflow, exact.workflow) == ("ExactLLA", "default", "marglik")
+    assert default.delta == pytest.approx(kaiming_isotropic(model), rel=0.07)
     model = model.double()
     KXX, KxX, Kxx, _, _ = function_space(model, ds.x_train.double(), ds.x_test.double())
     d, s2 = exact.delta, exact.sigma**2
@@ -180,7 +195,9 @@ def test_regression_rows_match_numpy_and_an_explicit_lla(gap):
     best = evidence(d, s2)
     for dd, ss in ((d * 1.01, s2), (d / 1.01, s2), (d, s2 * 1.01), (d, s2 / 1.01)):
         assert best >= evidence(dd, ss) - 1e-9 * abs(best)
-    assert rows[2].sigma == exact.sigma and rows[2].delta in cfg.grid
+    d0, s0 = default.delta, default.sigma**2
+    assert evidence(d0, s0) >= max(evidence(d0, s0 * 1.01), evidence(d0, s0 / 1.01)) - 1e-9 * abs(evidence(d0, s0))
+    assert rows[3].sigma == default.sigma and rows[3].delta in cfg.grid
 
 
 def test_command_line_arguments():

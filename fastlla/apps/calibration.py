@@ -14,7 +14,9 @@
   steps), each with
 
   - the **default** workflow, ``optimize_prior_precision()`` with no validation data (the
-    evidence's ``δ``; for regression with ``optimize_sigma_noise=True``, the evidence's ``(δ, σ)``),
+    initialisation prior's ``δ``; for regression with ``optimize_sigma_noise=True``, ``σ``
+    maximising the evidence at that ``δ``),
+  - **marglik**, laplace-torch's default method: the evidence's ``δ`` (regression: ``(δ, σ)``),
   - **validation δ**, ``optimize_prior_precision("gridsearch", val_loader=...)`` on the held-out
     validation split over :data:`GRID` (regression: ``σ`` kept from the default workflow).
 
@@ -300,7 +302,7 @@ def evaluate(
     name: str, ds: Dataset, weight_decay: float, cfg: CalibrationConfig, log=print
 ) -> list[Result]:
     """Every row of one network: MAP, laplace-torch's default, ExactLLA and ScaLLA each with the
-    default workflow and with validation ``δ``."""
+    default workflow, marglik and validation ``δ``."""
     seed = cfg.seed
     regression = ds.likelihood == "regression"
     t0 = time.perf_counter()
@@ -332,10 +334,15 @@ def evaluate(
         sigma = float(la.sigma_noise) if regression else None
         default = row(method, "default", delta, sigma, _score_laplace(la, ds, dtype, seed))
         default.bar = bar_failures(default, rows[0], lt_row)
+        delta = float(la.optimize_prior_precision("marglik", optimize_sigma_noise=regression))
+        marglik = row(method, "marglik", delta, float(la.sigma_noise) if regression else None,
+                      _score_laplace(la, ds, dtype, seed))  # fmt: skip
+        if regression:
+            la.sigma_noise = sigma  # the validation search keeps the default workflow's σ
         delta = float(la.optimize_prior_precision("gridsearch", val_loader=val,
                                                   grid=list(cfg.grid)))  # fmt: skip
         validation = row(method, "validation δ", delta, sigma, _score_laplace(la, ds, dtype, seed))
-        rows += [default, validation]
+        rows += [default, marglik, validation]
         log(f"  {method} ({time.perf_counter() - t:.0f} s)")
     return rows
 
