@@ -24,9 +24,10 @@ part 3), each of ``N = 540`` images:
   whose penultimate features ``φ(x)`` lie farthest from the training features (Mahalanobis
   distance under the training features' mean and covariance).
 
-Methods: MAP (softmax), ExactLLA (float64; ``δ`` by marginal likelihood — the default workflow —
-and by validation NLL), ScaLLA without context and with each recipe (``--iterations``
-kernel-matching steps, seed 0) at ExactLLA's validation ``δ`` and at their own marglik ``δ``;
+Methods: MAP (softmax), ExactLLA (float64; ``δ`` by the default workflow — the initialisation
+prior, :mod:`fastlla.init_prior` —, by marginal likelihood and by validation NLL), ScaLLA without
+context and with each recipe (``--iterations`` kernel-matching steps, seed 0) at ExactLLA's
+validation ``δ``, at their own default-workflow ``δ`` and at their own marglik ``δ``;
 then the peers:
 
 * laplace-torch (imported lazily; its rows are skipped with a note when it is not installed):
@@ -338,11 +339,12 @@ def run(iterations: int = 300, seed: int = 0, log=print, authors_iterations: int
         return out
     exact = ExactLLA(copy.deepcopy(model).double(), "classification").fit(ds.loader("train", 128))
     sets64 = {k: v.double() for k, v in sets.items()}
+    d_init = float(exact.optimize_prior_precision())  # the default workflow
     d_ml = float(exact.optimize_prior_precision("marglik"))
     d_val = float(exact.optimize_prior_precision("gridsearch", val_loader=ds.loader("val", 256)))
-    out["facts"].update(delta_marglik=d_ml, delta_val=d_val)
-    log(f"ExactLLA: δ marglik {d_ml:.4g}, δ val {d_val:.4g}")
-    for label, delta in (("marglik", d_ml), ("val", d_val)):
+    out["facts"].update(delta_init=d_init, delta_marglik=d_ml, delta_val=d_val)
+    log(f"ExactLLA: δ init (default) {d_init:.4g}, δ marglik {d_ml:.4g}, δ val {d_val:.4g}")
+    for label, delta in (("init (default)", d_init), ("marglik", d_ml), ("val", d_val)):
         exact.prior_precision = delta
         out["methods"][f"ExactLLA, δ {label}"] = _rows(exact, "exact", sets64, KINDS)
     for name, ctx in (("ScaLLA", None), *((f"ScaLLA+{k}", v) for k, v in contexts.items())):
@@ -352,6 +354,8 @@ def run(iterations: int = 300, seed: int = 0, log=print, authors_iterations: int
         la.fit(train, context_loader=loader, iterations=iterations, progress_bar=False)
         out["facts"][f"{name} fit seconds"] = round(time.perf_counter() - t_fit, 1)
         out["methods"][f"{name}, δ exact val"] = _rows(la, name, sets, KINDS)
+        la.optimize_prior_precision()
+        out["methods"][f"{name}, δ init (default)"] = _rows(la, name, sets, KINDS)
         own = float(la.optimize_prior_precision("marglik"))
         out["methods"][f"{name}, δ own marglik"] = _rows(la, name, sets, KINDS)
         out["facts"][f"{name} own marglik δ"] = own
