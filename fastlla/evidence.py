@@ -31,6 +31,8 @@ __all__ = ["Evidence", "PRIOR_STRUCTURES"]
 PRIOR_STRUCTURES = ("scalar", "layerwise", "diag")
 #: method='init' warns where a trained tensor's mean square is this many times below its init's
 SHRINK_LIMIT = 10
+#: ... for tensors of at least this many entries (a few entries may end anywhere in training)
+SHRINK_MIN_ENTRIES = 100
 
 
 class Evidence:
@@ -205,8 +207,8 @@ class Evidence:
             ``"diag"`` (ExactLLA) ``1/E[θ²]`` per tensor or parameter; with
             ``optimize_sigma_noise`` (regression) ``σ`` maximises the evidence at that ``δ``. It
             raises a ``ValueError`` for a parameter whose module has no initialiser to re-run,
-            and warns where a trained tensor's mean square is over ``SHRINK_LIMIT`` (10) times
-            below its initialiser's (a network initialised otherwise, e.g. a pre-trained
+            and warns where a trained tensor (of ≥ 100 entries) has a mean square over
+            ``SHRINK_LIMIT`` (10) times below its initialiser's (a network initialised otherwise, e.g. a pre-trained
             ``transformers`` model: choose ``δ`` on held-out data there).
             ``"gridsearch"`` minimises the predictive NLL on ``val_loader`` (or ``loss``) over
             ``grid``, default ``grid_size`` (21) values log-spaced between
@@ -467,14 +469,16 @@ class _CallableValue(Tensor):
 
 
 def _warn_if_not_drawn_from(moments: Tensor, network: Any) -> None:
-    """Warn where a trained tensor's mean square lies far below its initialiser's ``E[θ²]``:
+    """Warn where a trained tensor's mean square lies far below its initialiser's ``E[θ²]``
+    (tensors of at least ``SHRINK_MIN_ENTRIES``):
     training from that initialisation rarely shrinks a tensor tenfold, so the network was
     probably initialised otherwise (a pre-trained ``transformers`` model, whose own init is
     not its modules' ``reset_parameters``), and the init prior is then too broad there."""
-    trained = [p.detach().double().square().mean().cpu() for p in network.params().values()]
+    params = network.params().values()
+    trained = [(p.numel(), float(p.detach().double().square().mean())) for p in params]
     off = [
-        name for name, m, t in zip(network.names, moments.tolist(), trained)
-        if m > 0 and float(t) < m / SHRINK_LIMIT
+        name for name, m, (n, t) in zip(network.names, moments.tolist(), trained)
+        if n >= SHRINK_MIN_ENTRIES and m > 0 and t < m / SHRINK_LIMIT
     ]  # fmt: skip
     if off:
         shown = ", ".join(repr(n) for n in off[:3]) + (f" and {len(off) - 3} more" if len(off) > 3 else "")

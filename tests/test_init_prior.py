@@ -219,3 +219,12 @@ def test_a_network_not_drawn_from_its_modules_initialisers_is_warned_about():
     with pytest.warns(UserWarning, match=r"of '3.weight' are over 10x smaller") as record:
         la.optimize_prior_precision()
     assert len(record) == 1 and record[0].filename == __file__
+    # a tensor of few entries may end anywhere in training: the 3-entry output bias scaled the
+    # same way is not named
+    with torch.no_grad():
+        model[3].weight.mul_(10)
+        model[6].bias.mul_(0.01)
+    la = ExactLLA(model, "classification").fit(loader(X, torch.randint(0, 3, (24,)), batch=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        la.optimize_prior_precision()
