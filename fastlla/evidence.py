@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -181,7 +180,7 @@ class Evidence:
         Takes laplace-torch's keywords; the defaults are fastlla's where they differ. By default
         (no ``method``) the prior is the network's initialisation's (``"init"``), or, given a
         ``val_loader``, the one of least validation NLL (``"gridsearch"``). laplace-torch's
-        default, ``"marglik"``, chooses a prior 10–100× too broad for networks trained with a
+        default, ``"marglik"``, chooses a prior 90–1000× too broad for networks trained with a
         small or no weight decay, whose predictive is then far worse calibrated than the network
         (docs/calibration.md); ask for it by name.
 
@@ -208,8 +207,9 @@ class Evidence:
             ``optimize_sigma_noise`` (regression) ``σ`` maximises the evidence at that ``δ``. It
             raises a ``ValueError`` for a parameter whose module has no initialiser to re-run,
             and warns where a trained tensor (of ≥ 100 entries) has a mean square over
-            ``SHRINK_LIMIT`` (10) times below its initialiser's (a network initialised otherwise, e.g. a pre-trained
-            ``transformers`` model: choose ``δ`` on held-out data there).
+            ``SHRINK_LIMIT`` (10) times below its initialiser's (a network initialised
+            otherwise, e.g. a pre-trained ``transformers`` model: choose ``δ`` on held-out data
+            there).
             ``"gridsearch"`` minimises the predictive NLL on ``val_loader`` (or ``loss``) over
             ``grid``, default ``grid_size`` (21) values log-spaced between
             ``log_prior_prec_base**log_prior_prec_min`` and ``**log_prior_prec_max``
