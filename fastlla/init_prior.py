@@ -67,11 +67,13 @@ def init_second_moments(model: nn.Module, names: list[str], seed: int = 0) -> Te
         A parameter's module has no initialiser to re-run (a bare ``nn.Parameter`` of a custom
         module): its prior cannot be read from the network; give ``prior_precision`` instead.
     """
-    owners: dict[str, list[tuple[int, str]]] = {}
+    owners: dict[str, list[tuple[int, str]]] = {}  # module name -> (index in names, attribute)
+    initialisers: dict[str, str] = {}  # module name -> its initialiser's method name
     for k, name in enumerate(names):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if _initialiser(module) is None:
+        initialisers[module_name] = _initialiser(module)
+        if initialisers[module_name] is None:
             raise ValueError(
                 f"fastlla: cannot read the initialisation of parameter {name!r}: its module "
                 f"({type(module).__name__}) has no reset_parameters to re-run; give "
@@ -84,7 +86,7 @@ def init_second_moments(model: nn.Module, names: list[str], seed: int = 0) -> Te
         torch.manual_seed(seed)
         for module_name, members in owners.items():
             module = copy.deepcopy(model.get_submodule(module_name))
-            reset = getattr(module, _initialiser(module))
+            reset = getattr(module, initialisers[module_name])
             smallest = min(getattr(module, attr).numel() for _, attr in members)
             draws = min(MAX_DRAWS, math.ceil(MIN_ENTRIES / smallest))
             total = torch.zeros(len(members), dtype=torch.float64)
